@@ -1,0 +1,7 @@
+"""`python -m splicerelay` is the `splicerelay` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

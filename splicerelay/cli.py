@@ -1,0 +1,201 @@
+"""The command line: `splicerelay run | check | bench | --version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__, logs
+from .addresses import AddressError, parse_address
+from .config import Config, ConfigError, config_from_args, load_config, render_config
+from .metrics import MetricsServer, make_registry
+from .server import Relay, RouteRuntime, StartupError, prepare_routes, session_record
+from .session import Outcome, Session
+from .stats import RelayStats
+
+log = logging.getLogger("splicerelay")
+access_log = logging.getLogger("splicerelay.access")
+
+# Diagnostics only: set to 1 to move every byte through user space instead of splice(2),
+# e.g. to rule the zero-copy path in or out while chasing a problem.
+FORCE_COPY_ENV = "SPLICERELAY_FORCE_COPY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splicerelay",
+        description="A zero-copy TCP relay for Linux (splice(2) through kernel pipes).",
+    )
+    parser.add_argument("--version", action="version", version=f"splicerelay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the relay")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    source.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        help="one-off relay: listen here (host:port, [v6]:port, unix:/path)",
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="ADDRESS",
+        action="append",
+        default=[],
+        help="one-off relay: forward to this address (repeat for round-robin with failover)",
+    )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="ADDRESS",
+        help="serve /metrics here (default: metrics.listen from the file; off for one-off relays)",
+    )
+    run.add_argument("--log-level", choices=sorted(logs.LEVELS), help="override log.level")
+    run.add_argument("--log-format", choices=["json", "text"], help="override log.format")
+
+    check = commands.add_parser(
+        "check", help="validate a config file and print the effective config"
+    )
+    check.add_argument(
+        "-c", "--config", metavar="FILE", required=True, help="YAML configuration file"
+    )
+
+    bench = commands.add_parser("bench", help="benchmark against a direct connection and HAProxy")
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return command_run(parser, args)
+    if args.command == "check":
+        return command_check(args)
+    if args.command == "bench":
+        from . import bench as bench_module
+
+        return bench_module.run(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def command_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def load_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    if args.config:
+        if args.upstream:
+            parser.error("--upstream goes with --listen, not with -c")
+        return load_config(args.config)
+    if not args.listen or not args.upstream:
+        parser.error("run needs -c FILE, or --listen ADDRESS with at least one --upstream ADDRESS")
+    return config_from_args(args.listen, args.upstream)
+
+
+def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = load_run_config(parser, args)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    logs.configure(
+        args.log_level or config.log.level,
+        args.log_format or config.log.format,
+        config.log.access_log,
+    )
+    metrics_address = config.metrics.listen if args.config else None
+    if args.metrics_listen:
+        try:
+            metrics_address = (
+                None if args.metrics_listen == "none" else parse_address(args.metrics_listen)
+            )
+        except AddressError as error:
+            print(f"--metrics-listen: {error}", file=sys.stderr)
+            return 1
+
+    stats = RelayStats()
+    try:
+        runtimes = prepare_routes(config, stats)
+    except StartupError as error:
+        log.error(str(error))
+        return 1
+    metrics_server = None
+    if metrics_address is not None:
+        try:
+            metrics_server = MetricsServer(metrics_address, make_registry(stats, __version__))
+        except OSError as error:
+            for runtime in runtimes:
+                runtime.listener.close()
+            log.error(f"cannot serve metrics on {metrics_address}: {error.strerror or error}")
+            return 1
+        metrics_server.start()
+    use_splice = os.environ.get(FORCE_COPY_ENV, "") not in ("1", "true", "yes")
+    relay = Relay(
+        config,
+        runtimes,
+        stats,
+        use_splice=use_splice,
+        access=write_access_log if config.log.access_log else None,
+    )
+    try:
+        trio.run(serve_until_signalled, relay)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+    log.info("stopped")
+    return 0
+
+
+def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
+    access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
+
+
+async def serve_until_signalled(relay: Relay) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await relay.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            log.info(
+                "ready",
+                extra={
+                    "fields": {
+                        "version": __version__,
+                        "routes": {r.route.name: str(r.route.listen) for r in relay.runtimes},
+                        "data_path": "splice" if relay.use_splice else "copy",
+                    }
+                },
+            )
+            stopping = False
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.warning(
+                        "SIGHUP: reloading is not supported yet; keeping the running config"
+                    )
+                    continue
+                if not stopping:
+                    stopping = True
+                    log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                    relay.begin_shutdown()
+                else:
+                    log.info("second signal: closing all connections now")
+                    relay.stop_all_sessions()

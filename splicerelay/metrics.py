@@ -1,0 +1,173 @@
+"""Prometheus exposition: a collector that reads `stats` at scrape time, and its HTTP server.
+
+The data path only increments plain integers (see stats.py); this module turns them into
+metric families when Prometheus asks, so the cost of metrics is paid per scrape, never
+per chunk. The HTTP server runs in its own thread: a scrape can never stall the relay,
+and it only reads counters, copying each dict in one C call before iterating it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .addresses import Address, TcpAddress
+from .session import Outcome
+from .stats import RelayStats
+
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+PATHS = ("splice", "copy")
+
+
+class RelayCollector(Collector):
+    """Builds the splicerelay_* families from a RelayStats snapshot."""
+
+    def __init__(self, stats: RelayStats, version: str) -> None:
+        self._stats = stats
+        self._version = version
+
+    def collect(self) -> Iterable[Metric]:
+        routes = list(self._stats.routes.values())
+        bytes_total = CounterMetricFamily(
+            "splicerelay_bytes",
+            "Bytes relayed, by route, direction and data path (splice is zero-copy).",
+            labels=["route", "direction", "path"],
+        )
+        active = GaugeMetricFamily(
+            "splicerelay_connections_active", "Client connections open now.", labels=["route"]
+        )
+        finished = CounterMetricFamily(
+            "splicerelay_connections",
+            "Client connections that ended, by how they ended.",
+            labels=["route", "outcome"],
+        )
+        connect_errors = CounterMetricFamily(
+            "splicerelay_upstream_connect_errors",
+            "Failed connects to an upstream, by reason.",
+            labels=["route", "upstream", "reason"],
+        )
+        for route in routes:
+            for direction in DIRECTIONS:
+                counter = getattr(route, direction)
+                bytes_total.add_metric([route.name, direction, "splice"], counter.splice)
+                bytes_total.add_metric([route.name, direction, "copy"], counter.copy)
+            active.add_metric([route.name], route.active)
+            outcomes = dict(route.outcomes)
+            for outcome in Outcome:
+                finished.add_metric([route.name, outcome.value], outcomes.get(outcome.value, 0))
+            for (upstream, reason), count in list(route.connect_errors.items()):
+                connect_errors.add_metric([route.name, upstream, reason], count)
+        yield bytes_total
+        yield active
+        yield finished
+        yield connect_errors
+
+        pipes = self._stats.pipes
+        pipe_gauge = GaugeMetricFamily(
+            "splicerelay_pipes",
+            "Kernel pipes: in_use carry bytes for a connection, idle wait in the pool.",
+            labels=["state"],
+        )
+        pipe_gauge.add_metric(["in_use"], pipes.in_use)
+        pipe_gauge.add_metric(["idle"], pipes.idle)
+        yield pipe_gauge
+        yield CounterMetricFamily(
+            "splicerelay_pipe_resize_failures",
+            "Pipes the kernel would not grow to pipe_size (F_SETPIPE_SZ refused).",
+            value=pipes.resize_failures,
+        )
+        build = GaugeMetricFamily(
+            "splicerelay_build_info", "The running version; always 1.", labels=["version"]
+        )
+        build.add_metric([self._version], 1)
+        yield build
+
+
+def make_registry(stats: RelayStats, version: str) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(stats, version))
+    return registry
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes arrive every few seconds; one log line each would drown the real logs."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def make_app(
+    registry: CollectorRegistry, is_live: Callable[[], bool]
+) -> Callable[..., Iterator[bytes]]:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok = is_live()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
+            return [b"ok\n" if ok else b"not ok\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics or /healthz\n"]
+
+    return app
+
+
+class MetricsServer:
+    """The /metrics endpoint, served from a daemon thread."""
+
+    def __init__(self, address: Address, registry: CollectorRegistry) -> None:
+        if not isinstance(address, TcpAddress):
+            raise OSError(f"metrics.listen must be a TCP address, not {address}")
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+
+        class Server(WSGIServer):
+            address_family = family
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # One short-lived thread per scrape, like socketserver.ThreadingMixIn.
+                thread = threading.Thread(
+                    target=self._serve_one, args=(request, client_address), daemon=True
+                )
+                thread.start()
+
+            def _serve_one(self, request: Any, client_address: Any) -> None:
+                try:
+                    self.finish_request(request, client_address)
+                except Exception:
+                    self.handle_error(request, client_address)
+                finally:
+                    self.shutdown_request(request)
+
+        self._server = make_server(
+            address.host,
+            address.port,
+            make_app(registry, lambda: True),
+            server_class=Server,
+            handler_class=_QuietHandler,
+        )
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,290 @@
+"""The zero-copy data path: kernel pipes, their pool, and one-direction pumps.
+
+A pump moves the bytes of one direction of a connection, socket -> pipe -> socket,
+with splice(2), so the payload never enters user space. The rules it follows were
+learned the hard way by Go's net package and by HAProxy:
+
+* Every call is tried first and only on EAGAIN do we wait for readiness; waiting first
+  would cost an epoll round trip for every chunk.
+* EAGAIN from splice(socket -> pipe) is ambiguous: the socket may be empty, or the pipe
+  may be full. We remove the ambiguity by only filling an *empty* pipe and then pumping
+  *all* of it out before reading again, so EAGAIN on the read side always means "socket
+  empty" and EAGAIN on the write side always means "destination full".
+* On EOF the pipe is always empty (see above) before the destination's write side is
+  shut down; shutting down with bytes still in the pipe would truncate the stream.
+* A pipe is borrowed from a pool only while bytes are in flight, so an idle connection
+  holds just its two sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+
+import trio
+
+from .stats import ByteCounter, PipeStats
+
+# Why only SPLICE_F_NONBLOCK: it makes the *pipe* side non-blocking (the socket side
+# follows the socket's own O_NONBLOCK). SPLICE_F_MOVE is a no-op in the kernel, and
+# SPLICE_F_MORE acts like TCP_CORK on the output socket, which delays small messages.
+SPLICE_FLAGS = os.SPLICE_F_NONBLOCK
+
+# errnos that mean "splice is not supported for this pair of files", not a broken peer.
+SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+# Yield to the scheduler after this many bytes moved without blocking, so one fast
+# connection cannot starve the others (every wait is already a checkpoint).
+YIELD_EVERY_BYTES = 8 << 20
+
+COPY_BUFFER_SIZE = 64 << 10
+
+
+def close_fd(fd: int) -> None:
+    """Close `fd`, first waking any task that waits on it (trio requires this order)."""
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket through trio's notify-then-close protocol; safe to call twice."""
+    if sock.fileno() >= 0:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def abort_socket(sock: socket.socket) -> None:
+    """Close with a TCP RST instead of a FIN, to pass a reset on to the other peer."""
+    if sock.fileno() < 0:
+        return
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Why: SO_LINGER with a zero timeout makes close() discard unsent data and send
+        # RST. A reset on one side must not look like a clean EOF on the other.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+    close_socket(sock)
+
+
+class Pipe:
+    """One kernel pipe: a read end, a write end and the capacity the kernel granted."""
+
+    __slots__ = ("capacity", "read_fd", "write_fd")
+
+    def __init__(self, read_fd: int, write_fd: int, capacity: int) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.capacity = capacity
+
+    def close(self) -> None:
+        close_fd(self.read_fd)
+        close_fd(self.write_fd)
+        self.read_fd = self.write_fd = -1
+
+
+def open_pipe(size: int, stats: PipeStats) -> Pipe:
+    """Create a non-blocking pipe and try to grow it to `size` bytes.
+
+    Growing can fail: an unprivileged user past `fs.pipe-user-pages-soft` gets EPERM
+    and a pipe of only a page or two, and sizes above `fs.pipe-max-size` are refused.
+    A small pipe still works, just with more syscalls per byte, so we keep what the
+    kernel gave and count the refusal.
+    """
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    capacity = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+    if size > capacity:
+        try:
+            capacity = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            stats.resize_failures += 1
+    stats.created += 1
+    return Pipe(read_fd, write_fd, capacity)
+
+
+class PipePool:
+    """Empty pipes kept for reuse, keyed by requested size.
+
+    A pipe comes back here only when it is empty. One that still holds bytes (its
+    connection died mid-chunk) is closed, since its contents belong to nobody.
+    """
+
+    def __init__(self, stats: PipeStats, max_idle: int = 256) -> None:
+        self._stats = stats
+        self._max_idle = max_idle
+        self._idle: dict[int, list[Pipe]] = {}
+        self._idle_count = 0
+
+    def acquire(self, size: int) -> Pipe:
+        stack = self._idle.get(size)
+        if stack:
+            pipe = stack.pop()
+            self._idle_count -= 1
+            self._stats.idle -= 1
+        else:
+            pipe = open_pipe(size, self._stats)
+        self._stats.in_use += 1
+        return pipe
+
+    def release(self, pipe: Pipe, size: int, held: int) -> None:
+        """Return a pipe lent for `size`; `held` is how many bytes are still in it."""
+        self._stats.in_use -= 1
+        if held or self._idle_count >= self._max_idle:
+            pipe.close()
+            return
+        self._idle.setdefault(size, []).append(pipe)
+        self._idle_count += 1
+        self._stats.idle += 1
+
+    def close(self) -> None:
+        """Close every idle pipe (at shutdown)."""
+        for stack in self._idle.values():
+            for pipe in stack:
+                pipe.close()
+        self._stats.idle -= self._idle_count
+        self._idle.clear()
+        self._idle_count = 0
+
+
+class ReadError(Exception):
+    """The source socket failed (its peer reset, for instance)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class WriteError(Exception):
+    """The destination socket failed (its peer reset or went away)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Pump:
+    """Moves one direction of a connection until EOF, then half-closes the destination.
+
+    `run()` returns normally on EOF (after `shutdown(SHUT_WR)` of the destination) and
+    raises ReadError or WriteError when a side fails. `on_progress` is called with the
+    byte count of each chunk delivered, so the session can notice activity cheaply.
+    """
+
+    __slots__ = ("_counter", "_dst", "_on_progress", "_pipe_size", "_pool", "_src", "use_splice")
+
+    def __init__(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        pool: PipePool,
+        pipe_size: int,
+        counter: ByteCounter,
+        on_progress: Callable[[int], None],
+        use_splice: bool = True,
+    ) -> None:
+        self._src = src
+        self._dst = dst
+        self._pool = pool
+        self._pipe_size = pipe_size
+        self._counter = counter
+        self._on_progress = on_progress
+        self.use_splice = use_splice
+
+    async def run(self) -> None:
+        if self.use_splice:
+            await self._splice_until_eof()
+        if not self.use_splice:
+            await self._copy_until_eof()
+        try:
+            self._dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            # ENOTCONN: the destination is already gone; that is its failure, not ours.
+            raise WriteError(error) from None
+
+    async def _splice_until_eof(self) -> None:
+        src_fd = self._src.fileno()
+        dst_fd = self._dst.fileno()
+        size = self._pipe_size
+        pool = self._pool
+        counter = self._counter
+        on_progress = self._on_progress
+        splice = os.splice
+        pipe: Pipe | None = None
+        held = 0  # bytes in `pipe` not yet delivered to the destination
+        first = True
+        since_yield = 0
+        try:
+            while True:
+                if pipe is None:
+                    # Why wait before borrowing: an idle connection must hold no pipe.
+                    await trio.lowlevel.wait_readable(src_fd)
+                    since_yield = 0
+                    pipe = pool.acquire(size)
+                try:
+                    held = splice(src_fd, pipe.write_fd, pipe.capacity, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    # The pipe is empty, so EAGAIN means the socket is: give the pipe back.
+                    pool.release(pipe, size, 0)
+                    pipe = None
+                    continue
+                except OSError as error:
+                    if first and error.errno in SPLICE_UNSUPPORTED:
+                        self.use_splice = False
+                        return
+                    raise ReadError(error) from None
+                if held == 0:
+                    return  # EOF, and the pipe is empty: safe to half-close
+                first = False
+                while held:
+                    try:
+                        moved = splice(pipe.read_fd, dst_fd, held, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst_fd)
+                        since_yield = 0
+                        continue
+                    except OSError as error:
+                        raise WriteError(error) from None
+                    held -= moved
+                    counter.splice += moved
+                    on_progress(moved)
+                since_yield += pipe.capacity
+                if since_yield >= YIELD_EVERY_BYTES:
+                    since_yield = 0
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if pipe is not None:
+                pool.release(pipe, size, held)
+
+    async def _copy_until_eof(self) -> None:
+        """The user-space fallback for files the kernel will not splice."""
+        src = self._src
+        dst = self._dst
+        counter = self._counter
+        on_progress = self._on_progress
+        buffer = bytearray(COPY_BUFFER_SIZE)
+        view = memoryview(buffer)
+        while True:
+            try:
+                received = src.recv_into(buffer)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            except OSError as error:
+                raise ReadError(error) from None
+            if received == 0:
+                return
+            sent = 0
+            while sent < received:
+                try:
+                    sent += dst.send(view[sent:received])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst)
+                except OSError as error:
+                    raise WriteError(error) from None
+            counter.copy += received
+            on_progress(received)
+            await trio.lowlevel.checkpoint()

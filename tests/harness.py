@@ -1,0 +1,216 @@
+"""Test harness: run the real relay as a subprocess and look at it from outside.
+
+The relay under test is the installed program, started the way users start it, so the
+tests see its real sockets, its real /metrics and its real exit code. Its fd count and
+RSS come from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+STARTUP_TIMEOUT = 15.0
+SETTLE_TIMEOUT = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback port that was free a moment ago (bind to 0, read it back)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def refused_port() -> int:
+    """A port where connects are refused: bound, never listening, then released."""
+    return free_port()
+
+
+def poll_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+) -> None:
+    """Wait for `condition` with a bound; never a bare sleep standing in for a state."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+@dataclass
+class Metrics:
+    """One scrape of /metrics: samples by name and labels."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    def get(self, name: str, **labels: str) -> float:
+        """The sum of every sample of `name` whose labels include `labels`."""
+        wanted = set(labels.items())
+        found = [
+            value
+            for (sample_name, sample_labels), value in self.samples.items()
+            if sample_name == name and wanted <= sample_labels
+        ]
+        if not found:
+            raise KeyError(f"no sample {name} with {labels}")
+        return sum(found)
+
+
+def parse_metrics(text: str) -> Metrics:
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return Metrics(samples)
+
+
+@dataclass
+class Relay:
+    """A running relay subprocess."""
+
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    metrics_port: int
+    stdout_path: Path
+    stderr_path: Path
+    baseline_fds: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def scrape_text(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metrics(self) -> Metrics:
+        return parse_metrics(self.scrape_text())
+
+    def fds(self) -> int:
+        return fd_count(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def fds_held_for_connections(self) -> int:
+        """fds beyond the startup baseline, not counting the pool's idle pipes.
+
+        Empty pipes kept for reuse are the pool's, not any connection's (two fds each,
+        bounded by the pool size); every other fd above baseline would be a leak.
+        """
+        idle_pipes = int(self.metrics().get("splicerelay_pipes", state="idle"))
+        return self.fds() - 2 * idle_pipes - self.baseline_fds
+
+    def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait until no connection is active and no fd beyond baseline is held."""
+
+        def settled() -> bool:
+            metrics = self.metrics()
+            return (
+                metrics.get("splicerelay_connections_active") == 0
+                and metrics.get("splicerelay_pipes", state="in_use") == 0
+                and self.fds_held_for_connections() <= 0
+            )
+
+        poll_until(settled, timeout, "the relay to release every connection's fds")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+class RelayFactory:
+    """Starts relays for one test and checks them when it ends."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.relays: list[Relay] = []
+
+    def start(
+        self,
+        config_text: str,
+        *,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> Relay:
+        """Run `splicerelay run -c` on `config_text` (`{metrics_port}` is filled in).
+
+        Returns once the relay says it is ready, with its fd baseline recorded.
+        """
+        index = len(self.relays)
+        metrics_port = free_port()
+        config_path = self.tmp_path / f"relay{index}.yaml"
+        config_path.write_text(config_text.replace("{metrics_port}", str(metrics_port)))
+        stdout_path = self.tmp_path / f"relay{index}.out"
+        stderr_path = self.tmp_path / f"relay{index}.err"
+        command = [sys.executable, "-m", "splicerelay", "run", "-c", str(config_path)]
+        process = subprocess.Popen(
+            (prefix or []) + command,
+            stdout=stdout_path.open("wb"),
+            stderr=stderr_path.open("wb"),
+            env={**os.environ, **(env or {})},
+        )
+        relay = Relay(process, config_path, metrics_port, stdout_path, stderr_path)
+        self.relays.append(relay)
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"relay exited with {process.returncode}: {relay.stderr()}")
+            # Every listener is bound before "ready" is logged; probing the routes with
+            # connections instead would hand the test's upstreams stray sessions.
+            return '"message": "ready"' in relay.stderr()
+
+        poll_until(ready, STARTUP_TIMEOUT, "the relay to log that it is ready")
+        idle_pipes = int(relay.metrics().get("splicerelay_pipes", state="idle"))
+        relay.baseline_fds = relay.fds() - 2 * idle_pipes
+        return relay
+
+    async def astart(self, config_text: str, **options: object) -> Relay:
+        """`start` from a trio test, without blocking its event loop meanwhile."""
+        return await trio.to_thread.run_sync(lambda: self.start(config_text, **options))  # type: ignore[arg-type]
+
+    def check_and_stop_all(self) -> None:
+        for relay in self.relays:
+            if relay.process.poll() is not None:
+                continue
+            relay.wait_settled()
+            code = relay.stop()
+            assert code == 0, f"relay exited with {code} on SIGTERM: {relay.stderr()}"
+
+    def kill_all(self) -> None:
+        for relay in self.relays:
+            if relay.process.poll() is None:
+                relay.process.kill()
+                relay.process.wait(timeout=10)
