@@ -161,7 +161,7 @@ class MetricsServer:
         )
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics", daemon=True
+            target=self._server.serve_forever, args=(0.1,), name="metrics", daemon=True
         )
 
     def start(self) -> None:

@@ -176,12 +176,13 @@ class RelayFactory:
         stdout_path = self.tmp_path / f"relay{index}.out"
         stderr_path = self.tmp_path / f"relay{index}.err"
         command = [sys.executable, "-m", "splicerelay", "run", "-c", str(config_path)]
-        process = subprocess.Popen(
-            (prefix or []) + command,
-            stdout=stdout_path.open("wb"),
-            stderr=stderr_path.open("wb"),
-            env={**os.environ, **(env or {})},
-        )
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                (prefix or []) + command,
+                stdout=stdout,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+            )
         relay = Relay(process, config_path, metrics_port, stdout_path, stderr_path)
         self.relays.append(relay)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import socket
@@ -82,7 +83,7 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 async def start_server(nursery: trio.Nursery, handler: Handler) -> int:
     """Serve `handler` on 127.0.0.1 (a free port); return the port."""
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, host="127.0.0.1")
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 

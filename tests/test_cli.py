@@ -114,20 +114,10 @@ async def test_one_off_relay_from_flags_relays_and_stops_cleanly_on(signum: int,
         upstream_port = await start_server(nursery, upstream)
         listen_port = free_port()
         stderr_path = tmp_path / "err"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "splicerelay",
-                "run",
-                "--listen",
-                f"127.0.0.1:{listen_port}",
-                "--upstream",
-                f"127.0.0.1:{upstream_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr_path.open("wb"),
-        )
+        command = [sys.executable, "-m", "splicerelay", "run"]
+        command += ["--listen", f"127.0.0.1:{listen_port}", "--upstream", f"127.0.0.1:{upstream_port}"]
+        with stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             await trio.to_thread.run_sync(
                 poll_until, lambda: b'"ready"' in stderr_path.read_bytes(), 15, "ready"

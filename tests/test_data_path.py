@@ -376,9 +376,7 @@ async def test_thousand_concurrent_connections_each_move_one_mib(relay_factory):
     async with trio.open_nursery() as nursery:
         upstream_port = await start_server(nursery, echo)
         listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(listen_port, upstream_port).replace("level: info", "level: warning")
-        )
+        relay = await relay_factory.astart(relay_config(listen_port, upstream_port))
 
         async def client(index: int) -> None:
             nonlocal connected
