@@ -164,6 +164,7 @@ class RelayFactory:
         *,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
+        config_dir: Path | None = None,
     ) -> Relay:
         """Run `splicerelay run -c` on `config_text` (`{metrics_port}` is filled in).
 
@@ -171,7 +172,8 @@ class RelayFactory:
         """
         index = len(self.relays)
         metrics_port = free_port()
-        config_path = self.tmp_path / f"relay{index}.yaml"
+        # `config_dir` lets a relay that drops privileges read its config.
+        config_path = (config_dir or self.tmp_path) / f"relay{index}.yaml"
         config_path.write_text(config_text.replace("{metrics_port}", str(metrics_port)))
         stdout_path = self.tmp_path / f"relay{index}.out"
         stderr_path = self.tmp_path / f"relay{index}.err"
