@@ -71,7 +71,7 @@ def open_listener(address: Address) -> socket.socket:
     if isinstance(address, UnixAddress):
         remove_stale_unix_socket(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: object = address.path
+        target: str | tuple[str, int] | tuple[str, int, int, int] = address.path
     else:
         family, sockaddr = resolve(address, passive=True)
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -30,8 +30,8 @@ BAD_CONFIGS = {
     "bad duration": (VALID + "    connect_timeout: 5 seconds\n", 6),
     "bad address": (VALID.replace("127.0.0.1:18000", "127.0.0.1"), 5),
     "duplicate route name": (
-        VALID
-        + "  - name: web\n    listen: 127.0.0.1:18081\n    upstreams:\n      - address: 127.0.0.1:1\n",
+        VALID + "  - name: web\n    listen: 127.0.0.1:18081\n"
+        "    upstreams:\n      - address: 127.0.0.1:1\n",
         6,
     ),
     "missing upstreams": ("routes:\n  - name: web\n    listen: 127.0.0.1:18080\n", 2),
@@ -115,7 +115,12 @@ async def test_one_off_relay_from_flags_relays_and_stops_cleanly_on(signum: int,
         listen_port = free_port()
         stderr_path = tmp_path / "err"
         command = [sys.executable, "-m", "splicerelay", "run"]
-        command += ["--listen", f"127.0.0.1:{listen_port}", "--upstream", f"127.0.0.1:{upstream_port}"]
+        command += [
+            "--listen",
+            f"127.0.0.1:{listen_port}",
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+        ]
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
         try:

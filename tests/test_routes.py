@@ -3,6 +3,7 @@ pipe size, and listeners on IPv6 and unix sockets. All on real loopback sockets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -33,10 +34,8 @@ def blackholed_listener() -> tuple[socket.socket, list[socket.socket]]:
     for _ in range(4):
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             filler.connect(listener.getsockname())
-        except BlockingIOError:
-            pass
         fillers.append(filler)
     return listener, fillers
 
