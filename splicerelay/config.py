@@ -28,9 +28,12 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_METRICS_LISTEN",
     "DEFAULT_PIPE_SIZE",
+    "DEFAULT_PROXY_PROTOCOL_TIMEOUT",
+    "DEFAULT_RESOLVE_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "Config",
     "ConfigError",
+    "HealthCheck",
     "LogConfig",
     "MetricsConfig",
     "Network",
@@ -54,6 +57,8 @@ DEFAULT_PIPE_SIZE = 1 << 20
 DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
+DEFAULT_PROXY_PROTOCOL_TIMEOUT = 3.0
+DEFAULT_RESOLVE_INTERVAL = 30.0
 
 COMMAND_LINE = "<command line>"
 DEFAULT_ROUTE_NAME = "default"
@@ -61,19 +66,38 @@ DEFAULT_ROUTE_NAME = "default"
 MIN_PIPE_SIZE = 4 << 10
 MAX_PIPE_SIZE = 1 << 30
 MAX_CONNECTIONS_LIMIT = 1_000_000
+MAX_GLOBAL_CONNECTIONS_LIMIT = 10_000_000
 MAX_WEIGHT = 1000
+MAX_CONNECT_ATTEMPTS_LIMIT = 100
+MAX_HEALTH_COUNT = 100
 
-BALANCE_SUPPORTED = ("round_robin",)
-BALANCE_PLANNED = ("least_connections", "random", "source_hash")
-PROXY_PROTOCOL_SUPPORTED = ("none",)
-PROXY_PROTOCOL_PLANNED = ("v1", "v2")
+BALANCE_STRATEGIES = ("round_robin", "least_connections", "random", "source_hash")
+PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 
-TOP_KEYS = ("workers", "shutdown_timeout", "metrics", "log", "defaults", "routes")
+TOP_KEYS = (
+    "workers",
+    "shutdown_timeout",
+    "max_connections",
+    "metrics",
+    "log",
+    "defaults",
+    "routes",
+)
 METRICS_KEYS = ("listen",)
 LOG_KEYS = ("level", "format", "access_log")
-TUNABLE_KEYS = ("connect_timeout", "idle_timeout", "pipe_size", "max_connections")
+TUNABLE_KEYS = (
+    "connect_timeout",
+    "idle_timeout",
+    "max_duration",
+    "pipe_size",
+    "max_connections",
+    "max_connect_attempts",
+    "proxy_protocol_timeout",
+    "resolve_interval",
+)
+HEALTH_CHECK_KEYS = ("interval", "timeout", "rise", "fall", "send", "expect")
 ROUTE_KEYS = (
     "name",
     "listen",
@@ -106,8 +130,26 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """Active checks of each upstream of a route: every `interval`, connect (and, if set,
+    send `send` and wait for a reply starting with `expect`) within `timeout`. `fall`
+    failures in a row take an upstream out, `rise` successes in a row bring it back."""
+
+    interval: float = 5.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    send: bytes | None = None
+    expect: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Route:
-    """One listener and the upstreams its connections go to."""
+    """One listener and the upstreams its connections go to.
+
+    `health_check` None means no active checks; `max_connect_attempts` None tries each
+    upstream once; `max_duration` None lets a connection stay open as long as it is not
+    idle for `idle_timeout`."""
 
     name: str
     listen: Address
@@ -119,6 +161,13 @@ class Route:
     max_connections: int
     allow: tuple[Network, ...]
     deny: tuple[Network, ...]
+    proxy_protocol: str = "none"
+    accept_proxy_protocol: bool = False
+    proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
+    health_check: HealthCheck | None = None
+    max_connect_attempts: int | None = None
+    max_duration: float | None = None
+    resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -139,7 +188,9 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole validated configuration, and the file it came from."""
+    """The whole validated configuration, and the file it came from.
+
+    `max_connections` caps the connections of all routes together; None is no such cap."""
 
     workers: int
     shutdown_timeout: float
@@ -147,6 +198,7 @@ class Config:
     log: LogConfig
     routes: tuple[Route, ...]
     source: str
+    max_connections: int | None = None
 
 
 # --- durations and sizes ---------------------------------------------------------------
@@ -316,8 +368,12 @@ class _Tunables:
 
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_duration: float | None = None
     pipe_size: int = DEFAULT_PIPE_SIZE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connect_attempts: int | None = None
+    proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
+    resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -355,7 +411,11 @@ class _Reader:
 
     # -- structure
 
-    def mapping(self, node: yaml.Node, path: str, allowed: Sequence[str]) -> _Mapping | None:
+    def mapping(
+        self, node: yaml.Node, path: str, allowed: Sequence[str], misplaced: str = ""
+    ) -> _Mapping | None:
+        """A mapping with only `allowed` keys. A key of `ROUTE_KEYS` that is not allowed
+        here is reported with `misplaced`, which says where it belongs, if given."""
         if not isinstance(node, yaml.MappingNode) or node.tag != _MAP:
             self.report(node, path, f"expected a mapping, got {_describe(node)}")
             return None
@@ -363,6 +423,9 @@ class _Reader:
         for name, (key, value) in self._keys(node, path, 0, set()).items():
             if name in allowed:
                 fields[name] = value
+            elif misplaced and name in ROUTE_KEYS:
+                keys = ", ".join(allowed)
+                self.report(key, _child(path, name), f"{misplaced} (allowed keys here: {keys})")
             else:
                 self.report(key, _child(path, name), _unknown_key_message(name, allowed))
         return _Mapping(node, path, fields)
@@ -443,9 +506,15 @@ class _Reader:
         self.report(node, path, f"expected {expected}, got {_describe(node)}{hint}")
         return None
 
-    def integer(self, node: yaml.Node, path: str, low: int, high: int) -> int | None:
+    def integer(
+        self, node: yaml.Node, path: str, low: int, high: int, *, or_null: bool = False
+    ) -> int | None:
+        """The integer at `node`, or None: reported, unless it is null and `or_null`."""
+        if or_null and _is_scalar(node, _NULL):
+            return None
         if not _is_scalar(node, _INT):
-            self.report(node, path, f"expected an integer, got {_describe(node)}")
+            expected = "an integer or null" if or_null else "an integer"
+            self.report(node, path, f"expected {expected}, got {_describe(node)}")
             return None
         try:
             value = _yaml_int(node.value)
@@ -465,11 +534,13 @@ class _Reader:
         self.report(node, path, f"expected true or false, got {_describe(node)}")
         return None
 
-    def duration(self, node: yaml.Node, path: str) -> float | None:
+    def duration(self, node: yaml.Node, path: str, *, or_null: bool = False) -> float | None:
+        """The duration at `node`, or None: reported, unless it is null and `or_null`."""
+        if or_null and _is_scalar(node, _NULL):
+            return None
         if not _is_scalar(node, _STR, _INT, _FLOAT):
-            self.report(
-                node, path, f"expected a duration ({_DURATION_HINT}), got {_describe(node)}"
-            )
+            expected = f"a duration ({_DURATION_HINT}){' or null' if or_null else ''}"
+            self.report(node, path, f"expected {expected}, got {_describe(node)}")
             return None
         try:
             return parse_duration(node.value)
@@ -505,24 +576,14 @@ class _Reader:
             self.report(node, path, str(error))
             return None
 
-    def choice(
-        self, node: yaml.Node, path: str, supported: Sequence[str], planned: Sequence[str] = ()
-    ) -> str | None:
-        options = (*supported, *planned)
+    def choice(self, node: yaml.Node, path: str, options: Sequence[str]) -> str | None:
         if not _is_scalar(node, _STR):
             expected = ", ".join(options)
             self.report(node, path, f"expected one of {expected}, got {_describe(node)}")
             return None
         value: str = node.value
-        if value in supported:
+        if value in options:
             return value
-        if value in planned:
-            self.report(
-                node,
-                path,
-                f"{value!r} is not supported yet (supported: {', '.join(supported)})",
-            )
-            return None
         close = difflib.get_close_matches(value, options, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         self.report(
@@ -570,6 +631,15 @@ class _Reader:
         shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
         if "shutdown_timeout" in fields:
             shutdown_timeout = self.duration(fields["shutdown_timeout"], "shutdown_timeout")
+        max_connections = None
+        if "max_connections" in fields:
+            max_connections = self.integer(
+                fields["max_connections"],
+                "max_connections",
+                1,
+                MAX_GLOBAL_CONNECTIONS_LIMIT,
+                or_null=True,
+            )
         metrics = self.metrics(fields.get("metrics"))
         log = self.log(fields["log"]) if "log" in fields else LogConfig()
         defaults = _Tunables()
@@ -581,7 +651,15 @@ class _Reader:
             return None
         if self.problems:
             return None
-        return Config(workers, shutdown_timeout, metrics, log, tuple(routes), self.filename)
+        return Config(
+            workers,
+            shutdown_timeout,
+            metrics,
+            log,
+            tuple(routes),
+            self.filename,
+            max_connections=max_connections,
+        )
 
     def workers(self, node: yaml.Node) -> int | None:
         if _is_scalar(node, _INT):
@@ -643,24 +721,37 @@ class _Reader:
         return LogConfig(**changes)
 
     def tunables(self, node: yaml.Node, path: str, base: _Tunables) -> _Tunables:
-        section = self.mapping(node, path, TUNABLE_KEYS)
+        misplaced = "can only be set in each route, not in defaults"
+        section = self.mapping(node, path, TUNABLE_KEYS, misplaced)
         return base if section is None else self.overrides(section, base)
 
     def overrides(self, section: _Mapping, base: _Tunables) -> _Tunables:
-        """`base` with the tunables `section` sets; a bad value is reported, and ignored."""
+        """`base` with the tunables `section` sets; a bad value is reported, and ignored.
+
+        The optional limits may be set to null, so that a route can lift a limit its
+        defaults set."""
         readers: dict[str, Callable[[yaml.Node, str], float | int | None]] = {
             "connect_timeout": self.duration,
             "idle_timeout": self.duration,
+            "max_duration": lambda node, path: self.duration(node, path, or_null=True),
             "pipe_size": lambda node, path: self.size(node, path, MIN_PIPE_SIZE, MAX_PIPE_SIZE),
             "max_connections": lambda node, path: self.integer(
                 node, path, 1, MAX_CONNECTIONS_LIMIT
             ),
+            "max_connect_attempts": lambda node, path: self.integer(
+                node, path, 1, MAX_CONNECT_ATTEMPTS_LIMIT, or_null=True
+            ),
+            "proxy_protocol_timeout": self.duration,
+            "resolve_interval": self.duration,
         }
         changes: dict[str, Any] = {}
         for key, read in readers.items():
             if key in section.fields:
+                # None is either an accepted null or a reported problem: tell them apart
+                # by whether a problem was reported.
+                problems = len(self.problems)
                 value = read(section.fields[key], _child(section.path, key))
-                if value is not None:
+                if len(self.problems) == problems:
                     changes[key] = value
         return dataclasses.replace(base, **changes)
 
@@ -689,29 +780,98 @@ class _Reader:
         name = self.route_name(section, names)
         listen = self.listen(section, name or path)
         upstreams = self.upstreams(section)
-        balance: str | None = BALANCE_SUPPORTED[0]
+        balance: str | None = BALANCE_STRATEGIES[0]
         if "balance" in fields:
-            balance = self.choice(
-                fields["balance"], f"{path}.balance", BALANCE_SUPPORTED, BALANCE_PLANNED
+            balance = self.choice(fields["balance"], f"{path}.balance", BALANCE_STRATEGIES)
+        proxy_protocol: str | None = PROXY_PROTOCOL_VERSIONS[0]
+        if "proxy_protocol" in fields:
+            proxy_protocol = self.choice(
+                fields["proxy_protocol"], f"{path}.proxy_protocol", PROXY_PROTOCOL_VERSIONS
             )
-        self.unsupported_features(section)
+        accept_proxy_protocol: bool | None = False
+        if "accept_proxy_protocol" in fields:
+            accept_proxy_protocol = self.boolean(
+                fields["accept_proxy_protocol"], f"{path}.accept_proxy_protocol"
+            )
+        health_check = None
+        problems = len(self.problems)
+        if "health_check" in fields:
+            health_check = self.health_check(fields["health_check"], f"{path}.health_check")
+        health_check_valid = len(self.problems) == problems
         tunables = self.overrides(section, defaults)
         allow = self.networks(fields["allow"], f"{path}.allow") if "allow" in fields else ()
         deny = self.networks(fields["deny"], f"{path}.deny") if "deny" in fields else ()
         if name is None or listen is None or upstreams is None or balance is None:
             return None
-        return Route(
+        if proxy_protocol is None or accept_proxy_protocol is None or not health_check_valid:
+            return None
+        return _route(
+            tunables,
             name=name,
             listen=listen,
             upstreams=upstreams,
             balance=balance,
-            connect_timeout=tunables.connect_timeout,
-            idle_timeout=tunables.idle_timeout,
-            pipe_size=tunables.pipe_size,
-            max_connections=tunables.max_connections,
+            proxy_protocol=proxy_protocol,
+            accept_proxy_protocol=accept_proxy_protocol,
+            health_check=health_check,
             allow=allow,
             deny=deny,
         )
+
+    def health_check(self, node: yaml.Node, path: str) -> HealthCheck | None:
+        """The active checks `node` asks for: true is all defaults, false none. None when
+        there are none, or when a problem was reported."""
+        if _is_scalar(node, _BOOL) and node.value.lower() in (*_TRUE, *_FALSE):
+            return HealthCheck() if node.value.lower() in _TRUE else None
+        if not isinstance(node, yaml.MappingNode):
+            self.report(node, path, f"expected a mapping, true or false, got {_describe(node)}")
+            return None
+        section = self.mapping(node, path, HEALTH_CHECK_KEYS)
+        if section is None:
+            return None
+        fields = section.fields
+        problems = len(self.problems)
+        changes: dict[str, Any] = {}
+        for key in ("interval", "timeout"):
+            if key in fields:
+                changes[key] = self.duration(fields[key], f"{path}.{key}")
+        for key in ("rise", "fall"):
+            if key in fields:
+                changes[key] = self.integer(fields[key], f"{path}.{key}", 1, MAX_HEALTH_COUNT)
+        if "send" in fields:
+            changes["send"] = self.payload(fields["send"], f"{path}.send", "to send nothing")
+        if "expect" in fields:
+            changes["expect"] = self.payload(fields["expect"], f"{path}.expect", "to need no reply")
+        if len(self.problems) > problems:
+            return None
+        check = HealthCheck(**changes)
+        if check.timeout <= check.interval:
+            return check
+        interval, timeout = format_duration(check.interval), format_duration(check.timeout)
+        if "timeout" in fields:
+            message = f"{timeout} is longer than the interval ({interval})"
+            self.report(fields["timeout"], f"{path}.timeout", message)
+        else:
+            message = (
+                f"{interval} is shorter than the default timeout ({timeout});"
+                f" set a timeout of at most {interval}"
+            )
+            self.report(fields["interval"], f"{path}.interval", message)
+        return None
+
+    def payload(self, node: yaml.Node, path: str, omitted: str) -> bytes | None:
+        """Bytes written as a YAML string and encoded as UTF-8 (in double quotes, YAML's
+        escapes such as \\r\\n apply), or None for null. An empty string is a problem:
+        leaving the key out says that more plainly."""
+        if _is_scalar(node, _NULL):
+            return None
+        text = self.string(node, path)
+        if text is None:
+            return None
+        if not text:
+            self.report(node, path, f"must not be empty (leave it out {omitted})")
+            return None
+        return text.encode("utf-8")
 
     def route_name(self, section: _Mapping, names: dict[str, int]) -> str | None:
         node = self.required(section, "name")
@@ -779,22 +939,6 @@ class _Reader:
             return None
         return Upstream(address, weight)
 
-    def unsupported_features(self, section: _Mapping) -> None:
-        fields, path = section.fields, section.path
-        if "proxy_protocol" in fields:
-            self.choice(
-                fields["proxy_protocol"],
-                f"{path}.proxy_protocol",
-                PROXY_PROTOCOL_SUPPORTED,
-                PROXY_PROTOCOL_PLANNED,
-            )
-        if "accept_proxy_protocol" in fields:
-            node = fields["accept_proxy_protocol"]
-            if self.boolean(node, f"{path}.accept_proxy_protocol"):
-                self.report(node, f"{path}.accept_proxy_protocol", "true is not supported yet")
-        if "health_check" in fields:
-            self.report(fields["health_check"], f"{path}.health_check", "not supported yet")
-
     def check_listeners(self) -> None:
         """Report each listen address already used by something earlier in the file."""
 
@@ -813,6 +957,13 @@ class _Reader:
                 listener.path,
                 f"{listener.address} is already used by {first.owner}{where}{default}",
             )
+
+
+def _route(tunables: _Tunables, **settings: Any) -> Route:
+    """A Route with `settings`, and every tunable from `tunables`."""
+    for field in dataclasses.fields(tunables):
+        settings[field.name] = getattr(tunables, field.name)
+    return Route(**settings)
 
 
 def _is_sequence(node: yaml.Node) -> bool:
@@ -900,16 +1051,12 @@ def config_from_args(listen: str, upstreams: list[str]) -> Config:
         errors.append(f"{COMMAND_LINE}: --upstream: at least one upstream is needed")
     if errors or listen_address is None:
         raise ConfigError(errors or [f"{COMMAND_LINE}: --listen: missing"])
-    defaults = _Tunables()
-    route = Route(
+    route = _route(
+        _Tunables(),
         name=DEFAULT_ROUTE_NAME,
         listen=listen_address,
         upstreams=tuple(Upstream(address) for address in upstream_addresses if address),
-        balance=BALANCE_SUPPORTED[0],
-        connect_timeout=defaults.connect_timeout,
-        idle_timeout=defaults.idle_timeout,
-        pipe_size=defaults.pipe_size,
-        max_connections=defaults.max_connections,
+        balance=BALANCE_STRATEGIES[0],
         allow=(),
         deny=(),
     )
@@ -942,6 +1089,7 @@ def render_config(config: Config) -> str:
     data: dict[str, Any] = {
         "workers": config.workers,
         "shutdown_timeout": format_duration(config.shutdown_timeout),
+        "max_connections": config.max_connections,
         "metrics": {"listen": None if metrics_listen is None else str(metrics_listen)},
         "log": {
             "level": config.log.level,
@@ -963,12 +1111,38 @@ def _route_data(route: Route) -> dict[str, Any]:
             for upstream in route.upstreams
         ],
         "balance": route.balance,
-        "proxy_protocol": PROXY_PROTOCOL_SUPPORTED[0],
-        "accept_proxy_protocol": False,
+        "proxy_protocol": route.proxy_protocol,
+        "accept_proxy_protocol": route.accept_proxy_protocol,
+        "proxy_protocol_timeout": format_duration(route.proxy_protocol_timeout),
+        "health_check": _health_check_data(route.health_check),
         "connect_timeout": format_duration(route.connect_timeout),
         "idle_timeout": format_duration(route.idle_timeout),
+        "max_duration": _optional_duration(route.max_duration),
         "pipe_size": format_size(route.pipe_size),
         "max_connections": route.max_connections,
+        "max_connect_attempts": route.max_connect_attempts,
+        "resolve_interval": format_duration(route.resolve_interval),
         "allow": [str(network) for network in route.allow],
         "deny": [str(network) for network in route.deny],
     }
+
+
+def _health_check_data(check: HealthCheck | None) -> dict[str, Any] | bool:
+    if check is None:
+        return False
+    return {
+        "interval": format_duration(check.interval),
+        "timeout": format_duration(check.timeout),
+        "rise": check.rise,
+        "fall": check.fall,
+        "send": _optional_text(check.send),
+        "expect": _optional_text(check.expect),
+    }
+
+
+def _optional_duration(seconds: float | None) -> str | None:
+    return None if seconds is None else format_duration(seconds)
+
+
+def _optional_text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8")

@@ -15,12 +15,17 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .addresses import Address, TcpAddress
 from .session import Outcome
-from .stats import RelayStats
+from .stats import Histogram, RelayStats, RouteStats
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 PATHS = ("splice", "copy")
@@ -68,6 +73,27 @@ class RelayCollector(Collector):
         yield active
         yield finished
         yield connect_errors
+        yield from self._upstream_families(routes)
+        durations = HistogramMetricFamily(
+            "splicerelay_connection_duration_seconds",
+            "How long client connections lasted, from accept to close.",
+            labels=["route"],
+        )
+        limited = CounterMetricFamily(
+            "splicerelay_limit_wait_seconds",
+            "Time the route's accepting was paused at its max_connections.",
+            labels=["route"],
+        )
+        for route in routes:
+            add_histogram(durations, [route.name], route.duration_seconds)
+            limited.add_metric([route.name], route.limited_seconds)
+        yield durations
+        yield limited
+        yield CounterMetricFamily(
+            "splicerelay_global_limit_wait_seconds",
+            "Time accepting was paused at the global max_connections.",
+            value=self._stats.global_limited_seconds,
+        )
 
         pipes = self._stats.pipes
         pipe_gauge = GaugeMetricFamily(
@@ -88,6 +114,42 @@ class RelayCollector(Collector):
         )
         build.add_metric([self._version], 1)
         yield build
+
+    @staticmethod
+    def _upstream_families(routes: list[RouteStats]) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "splicerelay_upstream_up",
+            "1 when the upstream takes new connections, 0 when health checks marked it down.",
+            labels=["route", "upstream"],
+        )
+        active = GaugeMetricFamily(
+            "splicerelay_upstream_connections_active",
+            "Connections open to the upstream now.",
+            labels=["route", "upstream"],
+        )
+        connect_time = HistogramMetricFamily(
+            "splicerelay_upstream_connect_duration_seconds",
+            "Time to establish a connection to the upstream.",
+            labels=["route", "upstream"],
+        )
+        for route in routes:
+            for upstream in list(route.upstreams.values()):
+                labels = [route.name, upstream.label]
+                up.add_metric(labels, 1 if upstream.up else 0)
+                active.add_metric(labels, upstream.active)
+                add_histogram(connect_time, labels, upstream.connect_seconds)
+        yield up
+        yield active
+        yield connect_time
+
+
+def add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    buckets = [(format_bound(bound), count) for bound, count in histogram.cumulative()]
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+def format_bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def make_registry(stats: RelayStats, version: str) -> CollectorRegistry:

@@ -20,12 +20,21 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .addresses import Address, TcpAddress, UnixAddress
-from .balancer import SmoothRoundRobin
+from .addresses import Address, UnixAddress
+from .balancer import Strategy, make_strategy
 from .config import Config, Route
-from .session import ConnectError, Outcome, Session, UpstreamTarget, connect, prepare_accepted
+from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header, send_all
+from .session import ConnectError, Outcome, Session, connect, prepare_accepted
 from .splice import PipePool, close_socket
 from .stats import RelayStats, RouteStats
+from .upstreams import (
+    ResolveError,
+    UpstreamRuntime,
+    make_upstreams,
+    refresh_addresses,
+    resolve,
+    run_health_checks,
+)
 
 log = logging.getLogger("splicerelay")
 access_log = logging.getLogger("splicerelay.access")
@@ -46,26 +55,6 @@ class StartupError(Exception):
     """A route cannot start (name does not resolve, port in use, ...)."""
 
 
-def resolve(
-    address: TcpAddress, passive: bool = False
-) -> tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]]:
-    """Blocking getaddrinfo for one address: call it off the event loop or before it."""
-    flags = socket.AI_PASSIVE if passive else 0
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=flags)
-    except (socket.gaierror, UnicodeError) as error:
-        raise StartupError(f"cannot resolve {address}: {error}") from None
-    family, _type, _proto, _name, sockaddr = infos[0]
-    return family, sockaddr  # type: ignore[return-value]
-
-
-def resolve_upstream(address: Address) -> UpstreamTarget:
-    if isinstance(address, UnixAddress):
-        return UpstreamTarget(str(address), socket.AF_UNIX, address.path)
-    family, sockaddr = resolve(address)
-    return UpstreamTarget(str(address), family, sockaddr)
-
-
 def open_listener(address: Address) -> socket.socket:
     """Bind and listen on `address`; the socket is non-blocking."""
     if isinstance(address, UnixAddress):
@@ -73,9 +62,13 @@ def open_listener(address: Address) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: str | tuple[str, int] | tuple[str, int, int, int] = address.path
     else:
-        family, sockaddr = resolve(address, passive=True)
+        try:
+            resolved = resolve(address, passive=True)
+        except ResolveError as error:
+            raise StartupError(str(error)) from None
+        family = resolved.family
         sock = socket.socket(family, socket.SOCK_STREAM)
-        target = sockaddr
+        target = resolved.sockaddr
         # Why: without SO_REUSEADDR a restart fails while old connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -103,12 +96,18 @@ def remove_stale_unix_socket(path: str) -> None:
     os.unlink(path)
 
 
-def format_peer(family: int, peer: object) -> str:
-    if family == socket.AF_UNIX:
+def format_endpoint(endpoint: tuple[str, int] | None) -> str:
+    if endpoint is None:
         return "unix"
-    assert isinstance(peer, tuple)
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def endpoint_of(family: int, address: object) -> tuple[str, int] | None:
+    """(ip, port) of an inet socket address; None for unix sockets."""
+    if family == socket.AF_UNIX or not isinstance(address, tuple):
+        return None
+    return (str(address[0]), int(address[1]))
 
 
 def is_allowed(host: str, allow: Sequence[IPNetwork], deny: Sequence[IPNetwork]) -> bool:
@@ -123,15 +122,25 @@ def is_allowed(host: str, allow: Sequence[IPNetwork], deny: Sequence[IPNetwork])
 
 @dataclass(eq=False)
 class RouteRuntime:
-    """A route while it runs: its listener, upstreams, balancer, limit and sessions."""
+    """A route while it runs: its listener, upstreams, strategy, limit and sessions."""
 
     route: Route
     listener: socket.socket
-    targets: tuple[UpstreamTarget, ...]
-    balancer: SmoothRoundRobin
+    upstreams: list[UpstreamRuntime]
+    strategy: Strategy
     stats: RouteStats
     slots: trio.Semaphore
     sessions: set[Session] = field(default_factory=set)
+
+    def attempt_order(self, client_ip: str | None) -> list[int]:
+        upstreams = self.upstreams
+        order = self.strategy.attempt_order(
+            client_ip,
+            [upstream.health.up for upstream in upstreams],
+            [upstream.stats.active for upstream in upstreams],
+        )
+        limit = self.route.max_connect_attempts
+        return order[:limit] if limit else order
 
 
 def prepare_routes(config: Config, stats: RelayStats) -> list[RouteRuntime]:
@@ -139,18 +148,25 @@ def prepare_routes(config: Config, stats: RelayStats) -> list[RouteRuntime]:
     runtimes: list[RouteRuntime] = []
     try:
         for route in config.routes:
+            route_stats = stats.route(route.name)
             try:
-                targets = tuple(resolve_upstream(upstream.address) for upstream in route.upstreams)
+                upstreams = make_upstreams(
+                    route.upstreams, route.health_check, route_stats.upstream
+                )
                 listener = open_listener(route.listen)
-            except StartupError as error:
+            except (StartupError, ResolveError) as error:
                 raise StartupError(f"route {route.name}: {error}") from None
             runtimes.append(
                 RouteRuntime(
                     route=route,
                     listener=listener,
-                    targets=targets,
-                    balancer=SmoothRoundRobin([u.weight for u in route.upstreams]),
-                    stats=stats.route(route.name),
+                    upstreams=upstreams,
+                    strategy=make_strategy(
+                        route.balance,
+                        [upstream.label for upstream in upstreams],
+                        [upstream.config.weight for upstream in upstreams],
+                    ),
+                    stats=route_stats,
                     slots=trio.Semaphore(route.max_connections),
                 )
             )
@@ -184,6 +200,9 @@ class Relay:
         self._all_done = trio.Event()
         self._session_nursery: trio.Nursery | None = None
         self._resource_warning_logged = False
+        self._global_slots = (
+            trio.Semaphore(config.max_connections) if config.max_connections else None
+        )
 
     # ----- lifecycle -------------------------------------------------------------
 
@@ -192,6 +211,8 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 self._session_nursery = nursery
                 nursery.start_soon(self._sweep_idle)
+                for runtime in self.runtimes:
+                    self._start_upstream_tasks(nursery, runtime)
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
                         for runtime in self.runtimes:
@@ -203,6 +224,14 @@ class Relay:
         finally:
             self._close_listeners()
             self.pool.close()
+
+    @staticmethod
+    def _start_upstream_tasks(nursery: trio.Nursery, runtime: RouteRuntime) -> None:
+        route = runtime.route
+        nursery.start_soon(refresh_addresses, runtime.upstreams, route.resolve_interval)
+        if route.health_check is not None:
+            for upstream in runtime.upstreams:
+                nursery.start_soon(run_health_checks, upstream, route.health_check)
 
     def begin_shutdown(self) -> None:
         """Stop accepting; running transfers get `shutdown_timeout` to finish."""
@@ -251,58 +280,108 @@ class Relay:
 
     async def _accept_loop(self, runtime: RouteRuntime) -> None:
         listener = runtime.listener
-        slots = runtime.slots
         assert self._session_nursery is not None
         start_session = self._session_nursery.start_soon
         while True:
-            # Why acquire before accept: at max_connections we stop taking connections
-            # off the kernel's queue, so new clients wait in the backlog (as with
-            # HAProxy) instead of being accepted and dropped.
-            await slots.acquire()
+            # Why take a slot before accept(): at max_connections we stop taking
+            # connections off the kernel's queue, so new clients wait in the backlog (as
+            # with HAProxy) instead of being accepted and dropped.
+            await self._acquire_timed(runtime.slots, runtime.stats, is_global=False)
             try:
-                client, peer = await self._accept_one(listener)
+                client, peer = await self._accept_with_global_slot(runtime, listener)
             except BaseException:
-                slots.release()
+                runtime.slots.release()
                 raise
             start_session(self._handle, runtime, client, peer)
 
-    async def _accept_one(self, listener: socket.socket) -> tuple[socket.socket, object]:
+    async def _accept_with_global_slot(
+        self, runtime: RouteRuntime, listener: socket.socket
+    ) -> tuple[socket.socket, object]:
+        """Accept one client, holding a global slot for it when there is a global limit.
+
+        Why the global slot is taken only once a client is waiting: a route with no
+        clients must not sit on a global slot that another route's client could use.
+        """
+        global_slots = self._global_slots
         while True:
+            if global_slots is not None:
+                try:
+                    global_slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await trio.lowlevel.wait_readable(listener)
+                    await self._acquire_timed(global_slots, runtime.stats, is_global=True)
             try:
-                client, peer = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError as error:
-                if error.errno in ACCEPT_RESOURCE_ERRORS:
-                    if not self._resource_warning_logged:
-                        # Why once: an fd storm would otherwise log thousands of lines.
-                        self._resource_warning_logged = True
-                        log.warning(
-                            "accept failed, backing off",
-                            extra={"fields": {"error": error.strerror}},
-                        )
-                    await trio.sleep(ACCEPT_BACKOFF_SECONDS)
-                    continue
-                if error.errno in ACCEPT_CONNECTION_ERRORS:
-                    continue
+                accepted = await self._accept_one(listener)
+            except BaseException:
+                if global_slots is not None:
+                    global_slots.release()
                 raise
-            if self._resource_warning_logged:
-                self._resource_warning_logged = False
-                log.info("accept resumed")
-            return client, peer
+            if accepted is not None:
+                return accepted
+            if global_slots is not None:
+                global_slots.release()
+            await trio.lowlevel.wait_readable(listener)
+
+    async def _acquire_timed(
+        self, slots: trio.Semaphore, stats: RouteStats, is_global: bool
+    ) -> None:
+        """Take a slot; time spent waiting for it is time at the limit."""
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        started = trio.current_time()
+        try:
+            await slots.acquire()
+        finally:
+            waited = trio.current_time() - started
+            if is_global:
+                self.stats.global_limited_seconds += waited
+            else:
+                stats.limited_seconds += waited
+
+    def _release_slots(self, runtime: RouteRuntime) -> None:
+        runtime.slots.release()
+        if self._global_slots is not None:
+            self._global_slots.release()
+
+    async def _accept_one(self, listener: socket.socket) -> tuple[socket.socket, object] | None:
+        """One accept(): a client, or None when there is none to take right now."""
+        try:
+            client, peer = listener.accept()
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            if error.errno in ACCEPT_RESOURCE_ERRORS:
+                if not self._resource_warning_logged:
+                    # Why once: an fd storm would otherwise log thousands of lines.
+                    self._resource_warning_logged = True
+                    log.warning(
+                        "accept failed, backing off", extra={"fields": {"error": error.strerror}}
+                    )
+                await trio.sleep(ACCEPT_BACKOFF_SECONDS)
+                return None
+            if error.errno in ACCEPT_CONNECTION_ERRORS:
+                return None
+            raise
+        if self._resource_warning_logged:
+            self._resource_warning_logged = False
+            log.info("accept resumed")
+        return client, peer
 
     # ----- one connection ---------------------------------------------------------
 
     async def _handle(self, runtime: RouteRuntime, client: socket.socket, peer: object) -> None:
-        session = Session(client, format_peer(client.family, peer))
+        endpoint = endpoint_of(client.family, peer)
+        session = Session(client, format_endpoint(endpoint))
         runtime.sessions.add(session)
         runtime.stats.active += 1
         self._active_sessions += 1
         outcome: Outcome | None = None
         try:
             with session.cancel_scope:
-                outcome = await self._run_session(runtime, session, peer)
+                outcome = await self._run_session(runtime, session, endpoint)
             if outcome is None:
                 outcome = session.closing_outcome or Outcome.SHUTDOWN
         except Exception:
@@ -313,69 +392,123 @@ class Relay:
             if outcome is None:
                 outcome = Outcome.SHUTDOWN
             session.close(outcome)
+            if session.upstream_stats is not None:
+                session.upstream_stats.active -= 1
             runtime.sessions.discard(session)
-            runtime.stats.active -= 1
-            runtime.stats.outcomes[outcome.value] += 1
-            runtime.slots.release()
+            stats = runtime.stats
+            stats.active -= 1
+            stats.outcomes[outcome.value] += 1
+            stats.duration_seconds.observe(time.monotonic() - session.started)
+            self._release_slots(runtime)
             self._active_sessions -= 1
             if not self._active_sessions:
                 self._all_done.set()
             if self._access is not None:
                 self._access(runtime, session, outcome)
 
-    async def _run_session(self, runtime: RouteRuntime, session: Session, peer: object) -> Outcome:
+    async def _run_session(
+        self, runtime: RouteRuntime, session: Session, source: tuple[str, int] | None
+    ) -> Outcome:
         route = runtime.route
-        prepare_accepted(session.client)
+        client = session.client
+        prepare_accepted(client)
+        destination = endpoint_of(client.family, client.getsockname())
+        if route.accept_proxy_protocol:
+            try:
+                header = await receive_proxy_header(client, route.proxy_protocol_timeout)
+            except ProxyHeaderRejected as error:
+                log.info(
+                    "bad PROXY header",
+                    extra={
+                        "fields": {
+                            "route": route.name,
+                            "client": session.client_address,
+                            "error": str(error),
+                        }
+                    },
+                )
+                return Outcome.BAD_PROXY_HEADER
+            if not header.local and header.source is not None:
+                # From here on, the client is the one the trusted proxy in front named.
+                source, destination = header.source, header.destination
+                session.client_address = format_endpoint(source)
         if (
             (route.allow or route.deny)
-            and isinstance(peer, tuple)
-            and not is_allowed(peer[0], route.allow, route.deny)
+            and source is not None
+            and not is_allowed(source[0], route.allow, route.deny)
         ):
             return Outcome.DENIED
-        upstream = await self._connect_upstream(runtime, session)
+        order = runtime.attempt_order(source[0] if source else None)
+        if not order:
+            return Outcome.NO_UPSTREAM
+        upstream = await self._connect_upstream(runtime, session, order)
         if upstream is None:
             return Outcome.CONNECT_FAILED
+        if route.proxy_protocol != "none":
+            try:
+                await send_all(
+                    upstream, build_proxy_header(route.proxy_protocol, source, destination)
+                )
+            except OSError:
+                close_socket(upstream)
+                return Outcome.UPSTREAM_RESET
         return await session.relay(
             upstream, self.pool, route.pipe_size, runtime.stats, self.use_splice
         )
 
     async def _connect_upstream(
-        self, runtime: RouteRuntime, session: Session
+        self, runtime: RouteRuntime, session: Session, order: list[int]
     ) -> socket.socket | None:
-        """Try the balancer's pick, then fail over to each other upstream once."""
-        timeout = runtime.route.connect_timeout
-        for index in runtime.balancer.attempt_order():
-            target = runtime.targets[index]
+        """Try the strategy's choice, then fail over along its order."""
+        route = runtime.route
+        passive_health = route.health_check is not None
+        for index in order:
+            upstream = runtime.upstreams[index]
+            target = upstream.target
+            started = trio.current_time()
             try:
-                upstream = await connect(target, timeout)
+                sock = await connect(target, route.connect_timeout)
             except ConnectError as error:
                 runtime.stats.connect_errors[(target.label, error.reason)] += 1
+                if passive_health:
+                    # Passive health: `fall` failed connects in a row mark it down until
+                    # the active checks see it rise again.
+                    upstream.mark(False)
                 log.debug(
                     "upstream connect failed",
                     extra={
                         "fields": {
-                            "route": runtime.route.name,
+                            "route": route.name,
                             "upstream": target.label,
                             "reason": error.reason,
                         }
                     },
                 )
                 continue
+            upstream.stats.connect_seconds.observe(trio.current_time() - started)
+            if passive_health and upstream.health.up:
+                upstream.mark(True)
+            upstream.stats.active += 1
+            session.upstream_stats = upstream.stats
             session.upstream_label = target.label
-            return upstream
+            return sock
         return None
 
-    # ----- idle timeout ---------------------------------------------------------
+    # ----- idle timeout and max duration -------------------------------------------
 
     def _sweep_interval(self) -> float:
-        shortest = min((runtime.route.idle_timeout for runtime in self.runtimes), default=1.0)
-        return min(max(shortest / 10, 0.05), 1.0)
+        timeouts = [runtime.route.idle_timeout for runtime in self.runtimes]
+        timeouts += [
+            runtime.route.max_duration for runtime in self.runtimes if runtime.route.max_duration
+        ]
+        return min(max(min(timeouts, default=1.0) / 10, 0.05), 1.0)
 
     async def _sweep_idle(self) -> None:
         """One coarse timer for all sessions instead of one timer per I/O call.
 
         A session is idle when its byte count has not moved since it was last seen to;
         the timeout therefore fires between idle_timeout and idle_timeout + interval.
+        max_duration is checked on the same sweep.
         """
         interval = self._sweep_interval()
         while True:
@@ -383,8 +516,11 @@ class Relay:
             now = trio.current_time()
             for runtime in self.runtimes:
                 timeout = runtime.route.idle_timeout
+                max_duration = runtime.route.max_duration
                 for session in list(runtime.sessions):
-                    if session.activity != session.seen_activity:
+                    if max_duration and now - session.started_clock >= max_duration:
+                        session.stop(Outcome.MAX_DURATION)
+                    elif session.activity != session.seen_activity:
                         session.seen_activity = session.activity
                         session.idle_since = now
                     elif now - session.idle_since >= timeout:

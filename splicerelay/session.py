@@ -17,7 +17,7 @@ from enum import StrEnum
 import trio
 
 from .splice import PipePool, Pump, ReadError, WriteError, abort_socket, close_socket
-from .stats import RouteStats
+from .stats import RouteStats, UpstreamStats
 
 
 class Outcome(StrEnum):
@@ -30,6 +30,9 @@ class Outcome(StrEnum):
     IDLE_TIMEOUT = "idle_timeout"  # no byte either way for idle_timeout
     SHUTDOWN = "shutdown"  # still running when the shutdown timeout ran out
     DENIED = "denied"  # the client address is not allowed on this route
+    NO_UPSTREAM = "no_upstream"  # every upstream is down
+    BAD_PROXY_HEADER = "bad_proxy_header"  # accept_proxy_protocol, and no valid header came
+    MAX_DURATION = "max_duration"  # open for longer than max_duration
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,10 @@ class Session:
         "idle_since",
         "seen_activity",
         "started",
+        "started_clock",
         "upstream",
         "upstream_label",
+        "upstream_stats",
     )
 
     def __init__(self, client: socket.socket, client_address: str) -> None:
@@ -124,7 +129,9 @@ class Session:
         self.client_address = client_address
         self.upstream: socket.socket | None = None
         self.upstream_label = ""
+        self.upstream_stats: UpstreamStats | None = None
         self.started = time.monotonic()
+        self.started_clock = trio.current_time()
         # Bytes delivered client -> upstream (in) and back (out). The idle sweeper
         # compares their sum between sweeps, so noticing activity costs an integer add
         # per chunk rather than a timer per I/O call.

@@ -21,6 +21,73 @@ class ByteCounter:
         self.copy = 0
 
 
+# Upper bounds in seconds. Connects on a LAN take well under a millisecond; a connect
+# timeout of seconds needs the high end.
+CONNECT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Connections last from milliseconds (a request) to days (a tunnel).
+DURATION_BUCKETS = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
+class Histogram:
+    """A Prometheus-style histogram as plain integers: per-bucket counts and a sum.
+
+    `observe` is called once per connection or connect, never per chunk.
+    """
+
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * len(bounds)  # not cumulative; the collector adds them up
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[index] += 1
+                break
+        self.count += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, cumulative count) pairs, ending with +Inf."""
+        pairs = []
+        running = 0
+        for bound, count in zip(self.bounds, list(self.buckets), strict=True):
+            running += count
+            pairs.append((bound, running))
+        # Why max(): the scrape runs in another thread and may land between a bucket's
+        # increment and the count's; buckets must never exceed +Inf.
+        pairs.append((float("inf"), max(running, self.count)))
+        return pairs
+
+
+@dataclass(eq=False)
+class UpstreamStats:
+    """Counters for one upstream of one route."""
+
+    label: str
+    up: bool = True
+    active: int = 0
+    connect_seconds: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
+
+
 @dataclass(eq=False)
 class RouteStats:
     """Counters for one route; the route's sessions share one instance."""
@@ -32,6 +99,16 @@ class RouteStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     # (upstream label, reason) -> count
     connect_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    upstreams: dict[str, UpstreamStats] = field(default_factory=dict)
+    duration_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    # Seconds the accept loop spent waiting for a free slot under max_connections.
+    limited_seconds: float = 0.0
+
+    def upstream(self, label: str) -> UpstreamStats:
+        stats = self.upstreams.get(label)
+        if stats is None:
+            stats = self.upstreams[label] = UpstreamStats(label)
+        return stats
 
 
 @dataclass(eq=False)
@@ -50,6 +127,8 @@ class RelayStats:
 
     routes: dict[str, RouteStats] = field(default_factory=dict)
     pipes: PipeStats = field(default_factory=PipeStats)
+    # Seconds accepting waited for the global max_connections.
+    global_limited_seconds: float = 0.0
 
     def route(self, name: str) -> RouteStats:
         """The counters of route `name`, created on first use and kept across reloads."""

@@ -67,14 +67,19 @@ class Metrics:
 
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-    def get(self, name: str, **labels: str) -> float:
-        """The sum of every sample of `name` whose labels include `labels`."""
+    def get(self, name: str, default: float | None = None, **labels: str) -> float:
+        """The sum of every sample of `name` whose labels include `labels`.
+
+        With no such sample, `default` if given, else KeyError.
+        """
         wanted = set(labels.items())
         found = [
             value
             for (sample_name, sample_labels), value in self.samples.items()
             if sample_name == name and wanted <= sample_labels
         ]
+        if not found and default is not None:
+            return default
         if not found:
             raise KeyError(f"no sample {name} with {labels}")
         return sum(found)

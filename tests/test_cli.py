@@ -142,3 +142,43 @@ async def test_one_off_relay_from_flags_relays_and_stops_cleanly_on(signum: int,
         nursery.cancel_scope.cancel()
     assert code == 0, stderr_path.read_text()
     assert "Traceback" not in stderr_path.read_text()
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.yaml"
+
+
+def test_example_config_is_valid():
+    result = splicerelay("check", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+
+
+def test_example_config_runs_as_it_is(tmp_path: Path):
+    """The shipped example starts and stops cleanly (on free ports instead of its own)."""
+    text = EXAMPLE.read_text()
+    assert "127.0.0.1:8080" in text and "127.0.0.1:9109" in text
+    listen_port, metrics_port = free_port(), free_port()
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        text.replace("127.0.0.1:8080", f"127.0.0.1:{listen_port}").replace(
+            "127.0.0.1:9109", f"127.0.0.1:{metrics_port}"
+        )
+    )
+    stderr_path = tmp_path / "err"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "splicerelay", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        poll_until(lambda: b'"ready"' in stderr_path.read_bytes(), 15, "ready")
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            assert b'splicerelay_connections_active{route="web"} 0.0' in reply.read()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

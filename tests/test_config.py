@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck as HypothesisHealthCheck
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from splicerelay.addresses import Address, TcpAddress, UnixAddress
@@ -18,9 +19,12 @@ from splicerelay.config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PIPE_SIZE,
+    DEFAULT_PROXY_PROTOCOL_TIMEOUT,
+    DEFAULT_RESOLVE_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
     Config,
     ConfigError,
+    HealthCheck,
     LogConfig,
     MetricsConfig,
     Network,
@@ -37,12 +41,13 @@ from splicerelay.config import (
 )
 
 FILE = "relay.yaml"
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.yaml"
 PROPERTY = settings(
     max_examples=300,
     database=None,
     derandomize=True,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HypothesisHealthCheck.too_slow],
 )
 
 MINIMAL = """\
@@ -242,19 +247,41 @@ def test_default_constants() -> None:
     assert DEFAULT_PIPE_SIZE == 1048576
     assert DEFAULT_MAX_CONNECTIONS == 10000
     assert DEFAULT_SHUTDOWN_TIMEOUT == 30.0
+    assert DEFAULT_PROXY_PROTOCOL_TIMEOUT == 3.0
+    assert DEFAULT_RESOLVE_INTERVAL == 30.0
+    assert HealthCheck() == HealthCheck(5.0, 1.0, 2, 3, None, None)
+
+
+def test_minimal_config_leaves_every_optional_feature_off() -> None:
+    config = parse_config(MINIMAL, FILE)
+    assert config.max_connections is None
+    (route,) = config.routes
+    assert route.balance == "round_robin"
+    assert route.proxy_protocol == "none"
+    assert route.accept_proxy_protocol is False
+    assert route.proxy_protocol_timeout == 3.0
+    assert route.health_check is None
+    assert route.max_connect_attempts is None
+    assert route.max_duration is None
+    assert route.resolve_interval == 30.0
 
 
 FULL = """\
 workers: 1
 shutdown_timeout: 10s
+max_connections: 20_000
 metrics:
   listen: "[::1]:9200"
 log: {level: debug, format: text, access_log: false}
 defaults:
   connect_timeout: 250ms
   idle_timeout: 10m
+  max_duration: 12h
   pipe_size: 64KiB
   max_connections: 500
+  max_connect_attempts: 2
+  proxy_protocol_timeout: 500ms
+  resolve_interval: 1m
 routes:
   - name: web
     listen: 0.0.0.0:8080
@@ -262,20 +289,36 @@ routes:
       - address: 10.0.0.2:8000
         weight: 2
       - address: backend.internal:8000
-    balance: round_robin
-    proxy_protocol: none
-    accept_proxy_protocol: false
+    balance: least_connections
+    proxy_protocol: v2
+    accept_proxy_protocol: true
     allow: [10.0.0.0/8, "::1/128", 192.168.1.7]
     deny: ["10.1.0.0/16"]
+    health_check:
+      interval: 10s
+      timeout: 2s
+      rise: 1
+      fall: 5
+      send: "PING\\r\\n"
+      expect: +PONG
+    max_connect_attempts: null
   - name: socket.v2
     listen: unix:/run/web.sock
     upstreams:
       - address: unix:/run/backend.sock
         weight: 1000
+    balance: source_hash
+    proxy_protocol: v1
+    accept_proxy_protocol: false
+    proxy_protocol_timeout: 2s
+    health_check: true
     connect_timeout: 1.5s
     idle_timeout: 2h
+    max_duration: 30s
     pipe_size: 1GiB
     max_connections: 1_000_000
+    max_connect_attempts: 100
+    resolve_interval: 5s
 """
 
 
@@ -293,28 +336,45 @@ def test_full_config_with_every_key() -> None:
                     Upstream(TcpAddress("10.0.0.2", 8000), 2),
                     Upstream(TcpAddress("backend.internal", 8000), 1),
                 ),
-                balance="round_robin",
+                balance="least_connections",
                 connect_timeout=0.25,
                 idle_timeout=600.0,
                 pipe_size=65536,
                 max_connections=500,
                 allow=(network("10.0.0.0/8"), network("::1/128"), network("192.168.1.7/32")),
                 deny=(network("10.1.0.0/16"),),
+                proxy_protocol="v2",
+                accept_proxy_protocol=True,
+                proxy_protocol_timeout=0.5,
+                health_check=HealthCheck(
+                    interval=10.0, timeout=2.0, rise=1, fall=5, send=b"PING\r\n", expect=b"+PONG"
+                ),
+                max_connect_attempts=None,
+                max_duration=43200.0,
+                resolve_interval=60.0,
             ),
             Route(
                 name="socket.v2",
                 listen=UnixAddress("/run/web.sock"),
                 upstreams=(Upstream(UnixAddress("/run/backend.sock"), 1000),),
-                balance="round_robin",
+                balance="source_hash",
                 connect_timeout=1.5,
                 idle_timeout=7200.0,
                 pipe_size=1 << 30,
                 max_connections=1_000_000,
                 allow=(),
                 deny=(),
+                proxy_protocol="v1",
+                accept_proxy_protocol=False,
+                proxy_protocol_timeout=2.0,
+                health_check=HealthCheck(),
+                max_connect_attempts=100,
+                max_duration=30.0,
+                resolve_interval=5.0,
             ),
         ),
         source="full.yaml",
+        max_connections=20_000,
     )
 
 
@@ -386,6 +446,152 @@ def test_route_settings_override_defaults_one_by_one() -> None:
     )
 
 
+# Each new route key: YAML lines appended to the route in MINIMAL, and the Route fields
+# they give.
+ROUTE_SETTINGS: list[tuple[str, dict[str, Any]]] = [
+    ("balance: round_robin\n", {"balance": "round_robin"}),
+    ("balance: least_connections\n", {"balance": "least_connections"}),
+    ("balance: random\n", {"balance": "random"}),
+    ("balance: source_hash\n", {"balance": "source_hash"}),
+    ("proxy_protocol: none\n", {"proxy_protocol": "none"}),
+    ("proxy_protocol: v1\n", {"proxy_protocol": "v1"}),
+    ("proxy_protocol: v2\n", {"proxy_protocol": "v2"}),
+    ("accept_proxy_protocol: true\n", {"accept_proxy_protocol": True}),
+    ("accept_proxy_protocol: false\n", {"accept_proxy_protocol": False}),
+    ("accept_proxy_protocol: yes\n", {"accept_proxy_protocol": True}),
+    ("proxy_protocol_timeout: 500ms\n", {"proxy_protocol_timeout": 0.5}),
+    ("proxy_protocol_timeout: 1m\n", {"proxy_protocol_timeout": 60.0}),
+    ("health_check: {}\n", {"health_check": HealthCheck()}),
+    ("health_check: true\n", {"health_check": HealthCheck()}),
+    ("health_check: on\n", {"health_check": HealthCheck()}),
+    ("health_check: false\n", {"health_check": None}),
+    ("health_check: {interval: 1s}\n", {"health_check": HealthCheck(interval=1.0)}),
+    (
+        "health_check: {interval: 250ms, timeout: 250ms}\n",
+        {"health_check": HealthCheck(interval=0.25, timeout=0.25)},
+    ),
+    ("health_check: {timeout: 5s}\n", {"health_check": HealthCheck(timeout=5.0)}),
+    ("health_check: {rise: 1, fall: 1}\n", {"health_check": HealthCheck(rise=1, fall=1)}),
+    ("health_check: {rise: 100, fall: 100}\n", {"health_check": HealthCheck(rise=100, fall=100)}),
+    (
+        'health_check:\n      send: "PING\\r\\n"\n      expect: "+PONG\\r\\n"\n',
+        {"health_check": HealthCheck(send=b"PING\r\n", expect=b"+PONG\r\n")},
+    ),
+    ("health_check: {expect: SSH-}\n", {"health_check": HealthCheck(expect=b"SSH-")}),
+    (
+        "health_check: {send: 'a\\r\\n'}\n",
+        {"health_check": HealthCheck(send=b"a\\r\\n")},
+    ),
+    (
+        'health_check: {send: "h\\xe9\\x00\\u2603"}\n',
+        {"health_check": HealthCheck(send="h\u00e9\x00\u2603".encode())},
+    ),
+    (
+        "health_check: {send: null, expect: ~}\n",
+        {"health_check": HealthCheck(send=None, expect=None)},
+    ),
+    (
+        "health_check:\n      send: |\n        QUIT\n",
+        {"health_check": HealthCheck(send=b"QUIT\n")},
+    ),
+    ("max_connect_attempts: 1\n", {"max_connect_attempts": 1}),
+    ("max_connect_attempts: 100\n", {"max_connect_attempts": 100}),
+    ("max_connect_attempts: null\n", {"max_connect_attempts": None}),
+    ("max_connect_attempts:\n", {"max_connect_attempts": None}),
+    ("max_duration: 250ms\n", {"max_duration": 0.25}),
+    ("max_duration: 24h\n", {"max_duration": 86400.0}),
+    ("max_duration: ~\n", {"max_duration": None}),
+    ("resolve_interval: 5s\n", {"resolve_interval": 5.0}),
+    ("resolve_interval: 1h\n", {"resolve_interval": 3600.0}),
+]
+
+
+@pytest.mark.parametrize(("lines", "changes"), ROUTE_SETTINGS)
+def test_route_setting(lines: str, changes: dict[str, Any]) -> None:
+    assert parse_config(MINIMAL + "    " + lines, FILE).routes == (default_route(**changes),)
+
+
+@pytest.mark.parametrize(
+    ("lines", "limit"),
+    [
+        ("", None),
+        ("max_connections: null\n", None),
+        ("max_connections: 1\n", 1),
+        ("max_connections: 10_000_000\n", 10_000_000),
+        ("max_connections: 0x100\n", 256),
+    ],
+)
+def test_global_max_connections(lines: str, limit: int | None) -> None:
+    config = parse_config(lines + MINIMAL, FILE)
+    assert config.max_connections == limit
+    # Only the global limit: each route keeps its own.
+    assert config.routes == (default_route(),)
+
+
+# The keys `defaults` may set: the value in defaults, the value it gives, and a route's
+# override with the value that gives. A route without the key inherits the default.
+DEFAULT_SETTINGS: list[tuple[str, str, Any, str, Any]] = [
+    ("proxy_protocol_timeout", "10s", 10.0, "100ms", 0.1),
+    ("max_connect_attempts", "3", 3, "1", 1),
+    ("max_connect_attempts", "3", 3, "null", None),
+    ("max_connect_attempts", "null", None, "7", 7),
+    ("max_duration", "1h", 3600.0, "5m", 300.0),
+    ("max_duration", "1h", 3600.0, "null", None),
+    ("max_duration", "~", None, "30s", 30.0),
+    ("resolve_interval", "5m", 300.0, "1s", 1.0),
+    ("connect_timeout", "1s", 1.0, "2s", 2.0),
+    ("idle_timeout", "1m", 60.0, "2h", 7200.0),
+    ("pipe_size", "64KiB", 65536, "4KiB", 4096),
+    ("max_connections", "7", 7, "8", 8),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "default_text", "default", "override_text", "override"), DEFAULT_SETTINGS
+)
+def test_defaults_are_inherited_and_a_route_overrides_them(
+    key: str, default_text: str, default: Any, override_text: str, override: Any
+) -> None:
+    text = (
+        f"defaults:\n  {key}: {default_text}\n"
+        + MINIMAL
+        + SECOND_ROUTE.replace("web", "api")
+        + f"    {key}: {override_text}\n"
+    )
+    inheriting, overriding = parse_config(text, FILE).routes
+    assert inheriting == default_route(**{key: default})
+    assert overriding == default_route(
+        name="api",
+        listen=TcpAddress("127.0.0.1", 8081),
+        upstreams=(Upstream(TcpAddress("h", 1)),),
+        **{key: override},
+    )
+
+
+def test_every_default_at_once_with_overrides_one_by_one() -> None:
+    text = """\
+defaults:
+  proxy_protocol_timeout: 1s
+  max_connect_attempts: 2
+  max_duration: 1h
+  resolve_interval: 10s
+routes:
+  - name: web
+    listen: 127.0.0.1:8080
+    upstreams:
+      - address: 127.0.0.1:8000
+    max_duration: 2h
+"""
+    assert parse_config(text, FILE).routes == (
+        default_route(
+            proxy_protocol_timeout=1.0,
+            max_connect_attempts=2,
+            max_duration=7200.0,
+            resolve_interval=10.0,
+        ),
+    )
+
+
 def test_yaml_integer_spellings() -> None:
     for spelling, value in [("0x10", 16), ("1_000", 1000), ("010", 8), ("+5", 5), ("1:00", 60)]:
         text = MINIMAL + f"    max_connections: {spelling}\n"
@@ -396,8 +602,16 @@ def test_yaml_integer_spellings() -> None:
 
 ROUTE_KEYS_LIST = (
     "name, listen, upstreams, balance, proxy_protocol, accept_proxy_protocol, allow, deny,"
-    " health_check, connect_timeout, idle_timeout, pipe_size, max_connections"
+    " health_check, connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
+    " max_connect_attempts, proxy_protocol_timeout, resolve_interval"
 )
+TOP_KEYS_LIST = "workers, shutdown_timeout, max_connections, metrics, log, defaults, routes"
+DEFAULTS_KEYS_LIST = (
+    "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
+    " max_connect_attempts, proxy_protocol_timeout, resolve_interval"
+)
+HEALTH_CHECK_KEYS_LIST = "interval, timeout, rise, fall, send, expect"
+DURATION_HINT = "(e.g. 250ms, 5s, 1.5s, 1m, 1h)"
 SECOND_ROUTE = "  - name: web\n    listen: 127.0.0.1:8081\n    upstreams:\n      - address: h:1\n"
 
 BAD_CONFIGS = {
@@ -408,7 +622,7 @@ BAD_CONFIGS = {
     "unknown key with a suggestion": (
         "shutdown_timout: 5s\n" + MINIMAL,
         "relay.yaml:1: shutdown_timout: unknown key; did you mean 'shutdown_timeout'?"
-        " (allowed keys: workers, shutdown_timeout, metrics, log, defaults, routes)",
+        f" (allowed keys: {TOP_KEYS_LIST})",
     ),
     "bad duration": (
         MINIMAL + "    connect_timeout: 5 seconds\n",
@@ -570,27 +784,236 @@ BAD_CONFIGS = {
         "relay.yaml:1: workers: 4: not supported yet (only 1 for now)",
     ),
     "workers 0": ("workers: 0\n" + MINIMAL, "relay.yaml:1: workers: 0: must be at least 1"),
-    "balance not supported yet": (
-        MINIMAL + "    balance: least_connections\n",
-        "relay.yaml:6: routes[0].balance: 'least_connections' is not supported yet"
-        " (supported: round_robin)",
+    "balance wrong type": (
+        MINIMAL + "    balance: [random]\n",
+        "relay.yaml:6: routes[0].balance: expected one of round_robin, least_connections,"
+        " random, source_hash, got a list",
     ),
     "balance unknown": (
         MINIMAL + "    balance: roundrobin\n",
         "relay.yaml:6: routes[0].balance: unknown value 'roundrobin'; did you mean"
         " 'round_robin'? (expected one of: round_robin, least_connections, random, source_hash)",
     ),
-    "proxy protocol not supported yet": (
-        MINIMAL + "    proxy_protocol: v2\n",
-        "relay.yaml:6: routes[0].proxy_protocol: 'v2' is not supported yet (supported: none)",
+    "balance in the wrong case": (
+        MINIMAL + "    balance: Random\n",
+        "relay.yaml:6: routes[0].balance: unknown value 'Random'; did you mean 'random'?"
+        " (expected one of: round_robin, least_connections, random, source_hash)",
     ),
-    "accept proxy protocol not supported yet": (
-        MINIMAL + "    accept_proxy_protocol: true\n",
-        "relay.yaml:6: routes[0].accept_proxy_protocol: true is not supported yet",
+    "balance in defaults": (
+        "defaults: {balance: random}\n" + MINIMAL,
+        "relay.yaml:1: defaults.balance: can only be set in each route, not in defaults"
+        f" (allowed keys here: {DEFAULTS_KEYS_LIST})",
     ),
-    "health check not supported yet": (
-        MINIMAL + "    health_check: {interval: 5s}\n",
-        "relay.yaml:6: routes[0].health_check: not supported yet",
+    "proxy protocol unknown": (
+        MINIMAL + "    proxy_protocol: v3\n",
+        "relay.yaml:6: routes[0].proxy_protocol: unknown value 'v3'"
+        " (expected one of: none, v1, v2)",
+    ),
+    "proxy protocol misspelt": (
+        MINIMAL + "    proxy_protocol: v 2\n",
+        "relay.yaml:6: routes[0].proxy_protocol: unknown value 'v 2'; did you mean 'v2'?"
+        " (expected one of: none, v1, v2)",
+    ),
+    "proxy protocol as a number": (
+        MINIMAL + "    proxy_protocol: 2\n",
+        "relay.yaml:6: routes[0].proxy_protocol: expected one of none, v1, v2,"
+        " got an integer ('2')",
+    ),
+    "proxy protocol as a boolean": (
+        MINIMAL + "    proxy_protocol: false\n",
+        "relay.yaml:6: routes[0].proxy_protocol: expected one of none, v1, v2,"
+        " got a boolean ('false')",
+    ),
+    "proxy protocol in defaults": (
+        "defaults:\n  proxy_protocol: v1\n" + MINIMAL,
+        "relay.yaml:2: defaults.proxy_protocol: can only be set in each route, not in defaults"
+        f" (allowed keys here: {DEFAULTS_KEYS_LIST})",
+    ),
+    "accept proxy protocol not a boolean": (
+        MINIMAL + "    accept_proxy_protocol: v1\n",
+        "relay.yaml:6: routes[0].accept_proxy_protocol: expected true or false,"
+        " got a string ('v1')",
+    ),
+    "accept proxy protocol quoted": (
+        MINIMAL + "    accept_proxy_protocol: 'yes'\n",
+        "relay.yaml:6: routes[0].accept_proxy_protocol: expected true or false,"
+        " got a string ('yes')",
+    ),
+    "proxy protocol timeout without unit": (
+        MINIMAL + "    proxy_protocol_timeout: 3\n",
+        "relay.yaml:6: routes[0].proxy_protocol_timeout: bad duration '3': missing unit"
+        f" {DURATION_HINT}",
+    ),
+    "proxy protocol timeout zero": (
+        MINIMAL + "    proxy_protocol_timeout: 0s\n",
+        "relay.yaml:6: routes[0].proxy_protocol_timeout: bad duration '0s':"
+        " must be greater than zero",
+    ),
+    "proxy protocol timeout null": (
+        MINIMAL + "    proxy_protocol_timeout: null\n",
+        f"relay.yaml:6: routes[0].proxy_protocol_timeout: expected a duration {DURATION_HINT},"
+        " got null",
+    ),
+    "proxy protocol timeout in defaults": (
+        "defaults:\n  proxy_protocol_timeout: 1d\n" + MINIMAL,
+        "relay.yaml:2: defaults.proxy_protocol_timeout: bad duration '1d': unknown unit 'd'"
+        " (expected ms, s, m or h)",
+    ),
+    "health check a number": (
+        MINIMAL + "    health_check: 5\n",
+        "relay.yaml:6: routes[0].health_check: expected a mapping, true or false,"
+        " got an integer ('5')",
+    ),
+    "health check a quoted boolean": (
+        MINIMAL + "    health_check: 'true'\n",
+        "relay.yaml:6: routes[0].health_check: expected a mapping, true or false,"
+        " got a string ('true')",
+    ),
+    "health check left empty": (
+        MINIMAL + "    health_check:\n",
+        "relay.yaml:6: routes[0].health_check: expected a mapping, true or false, got null",
+    ),
+    "health check a list": (
+        MINIMAL + "    health_check: []\n",
+        "relay.yaml:6: routes[0].health_check: expected a mapping, true or false, got a list",
+    ),
+    "health check unknown key": (
+        MINIMAL + "    health_check:\n      intervall: 5s\n",
+        "relay.yaml:7: routes[0].health_check.intervall: unknown key; did you mean 'interval'?"
+        f" (allowed keys: {HEALTH_CHECK_KEYS_LIST})",
+    ),
+    "health check in defaults": (
+        "defaults: {health_check: true}\n" + MINIMAL,
+        "relay.yaml:1: defaults.health_check: can only be set in each route, not in defaults"
+        f" (allowed keys here: {DEFAULTS_KEYS_LIST})",
+    ),
+    "health check interval zero": (
+        MINIMAL + "    health_check:\n      interval: 0s\n",
+        "relay.yaml:7: routes[0].health_check.interval: bad duration '0s':"
+        " must be greater than zero",
+    ),
+    "health check timeout not a duration": (
+        MINIMAL + "    health_check: {timeout: fast}\n",
+        "relay.yaml:6: routes[0].health_check.timeout: bad duration 'fast':"
+        f" expected a number and a unit {DURATION_HINT}",
+    ),
+    "health check timeout longer than interval": (
+        MINIMAL + "    health_check:\n      interval: 1s\n      timeout: 2s\n",
+        "relay.yaml:8: routes[0].health_check.timeout: 2s is longer than the interval (1s)",
+    ),
+    "health check timeout longer than the default interval": (
+        MINIMAL + "    health_check: {timeout: 6s}\n",
+        "relay.yaml:6: routes[0].health_check.timeout: 6s is longer than the interval (5s)",
+    ),
+    "health check interval shorter than the default timeout": (
+        MINIMAL + "    health_check:\n      interval: 500ms\n",
+        "relay.yaml:7: routes[0].health_check.interval: 500ms is shorter than the default"
+        " timeout (1s); set a timeout of at most 500ms",
+    ),
+    "health check rise zero": (
+        MINIMAL + "    health_check: {rise: 0}\n",
+        "relay.yaml:6: routes[0].health_check.rise: 0 is out of range (1 to 100)",
+    ),
+    "health check fall too large": (
+        MINIMAL + "    health_check: {fall: 101}\n",
+        "relay.yaml:6: routes[0].health_check.fall: 101 is out of range (1 to 100)",
+    ),
+    "health check rise not an integer": (
+        MINIMAL + "    health_check: {rise: 2.5}\n",
+        "relay.yaml:6: routes[0].health_check.rise: expected an integer, got a number ('2.5')",
+    ),
+    "health check send a number": (
+        MINIMAL + "    health_check: {send: 42}\n",
+        "relay.yaml:6: routes[0].health_check.send: expected a string, got an integer ('42')"
+        " (quote it to make it a string)",
+    ),
+    "health check send empty": (
+        MINIMAL + "    health_check: {send: ''}\n",
+        "relay.yaml:6: routes[0].health_check.send: must not be empty"
+        " (leave it out to send nothing)",
+    ),
+    "health check expect empty": (
+        MINIMAL + '    health_check: {expect: ""}\n',
+        "relay.yaml:6: routes[0].health_check.expect: must not be empty"
+        " (leave it out to need no reply)",
+    ),
+    "health check expect a list": (
+        MINIMAL + "    health_check: {expect: [a]}\n",
+        "relay.yaml:6: routes[0].health_check.expect: expected a string, got a list",
+    ),
+    "health check send binary": (
+        MINIMAL + "    health_check: {send: !!binary aGVsbG8=}\n",
+        "relay.yaml:6: routes[0].health_check.send: expected a string,"
+        " got a value tagged !!binary ('aGVsbG8=')",
+    ),
+    "max_connect_attempts zero": (
+        MINIMAL + "    max_connect_attempts: 0\n",
+        "relay.yaml:6: routes[0].max_connect_attempts: 0 is out of range (1 to 100)",
+    ),
+    "max_connect_attempts too large": (
+        MINIMAL + "    max_connect_attempts: 101\n",
+        "relay.yaml:6: routes[0].max_connect_attempts: 101 is out of range (1 to 100)",
+    ),
+    "max_connect_attempts quoted": (
+        MINIMAL + "    max_connect_attempts: '3'\n",
+        "relay.yaml:6: routes[0].max_connect_attempts: expected an integer or null,"
+        " got a string ('3')",
+    ),
+    "max_connect_attempts a number": (
+        MINIMAL + "    max_connect_attempts: 2.5\n",
+        "relay.yaml:6: routes[0].max_connect_attempts: expected an integer or null,"
+        " got a number ('2.5')",
+    ),
+    "max_connect_attempts in defaults": (
+        "defaults:\n  max_connect_attempts: 0\n" + MINIMAL,
+        "relay.yaml:2: defaults.max_connect_attempts: 0 is out of range (1 to 100)",
+    ),
+    "max_duration zero": (
+        MINIMAL + "    max_duration: 0s\n",
+        "relay.yaml:6: routes[0].max_duration: bad duration '0s': must be greater than zero",
+    ),
+    "max_duration forever": (
+        MINIMAL + "    max_duration: forever\n",
+        "relay.yaml:6: routes[0].max_duration: bad duration 'forever':"
+        f" expected a number and a unit {DURATION_HINT}",
+    ),
+    "max_duration a list": (
+        MINIMAL + "    max_duration: []\n",
+        f"relay.yaml:6: routes[0].max_duration: expected a duration {DURATION_HINT} or null,"
+        " got a list",
+    ),
+    "max_duration in defaults": (
+        "defaults:\n  max_duration: -1s\n" + MINIMAL,
+        "relay.yaml:2: defaults.max_duration: bad duration '-1s': must be greater than zero",
+    ),
+    "resolve_interval without unit": (
+        MINIMAL + "    resolve_interval: 30\n",
+        "relay.yaml:6: routes[0].resolve_interval: bad duration '30': missing unit"
+        f" {DURATION_HINT}",
+    ),
+    "resolve_interval null": (
+        MINIMAL + "    resolve_interval: null\n",
+        f"relay.yaml:6: routes[0].resolve_interval: expected a duration {DURATION_HINT}, got null",
+    ),
+    "resolve_interval in defaults": (
+        "defaults:\n  resolve_interval: -1s\n" + MINIMAL,
+        "relay.yaml:2: defaults.resolve_interval: bad duration '-1s': must be greater than zero",
+    ),
+    "global max_connections zero": (
+        "max_connections: 0\n" + MINIMAL,
+        "relay.yaml:1: max_connections: 0 is out of range (1 to 10000000)",
+    ),
+    "global max_connections too large": (
+        "max_connections: 10_000_001\n" + MINIMAL,
+        "relay.yaml:1: max_connections: 10000001 is out of range (1 to 10000000)",
+    ),
+    "global max_connections not a number": (
+        "max_connections: many\n" + MINIMAL,
+        "relay.yaml:1: max_connections: expected an integer or null, got a string ('many')",
+    ),
+    "global max_connections a mapping": (
+        "max_connections: {}\n" + MINIMAL,
+        "relay.yaml:1: max_connections: expected an integer or null, got a mapping",
     ),
     "network with host bits": (
         MINIMAL + "    allow: [10.0.0.1/8]\n",
@@ -661,9 +1084,92 @@ def test_a_bad_default_is_reported_once_not_per_route() -> None:
     assert errors_of(text) == [
         "relay.yaml:1: defaults.idle_timeout: bad duration '0s': must be greater than zero"
     ]
+    text = "defaults: {max_connect_attempts: 0}\n" + MINIMAL + SECOND_ROUTE.replace("web", "api")
+    assert errors_of(text) == [
+        "relay.yaml:1: defaults.max_connect_attempts: 0 is out of range (1 to 100)"
+    ]
+
+
+def test_every_problem_in_the_newer_settings_is_reported() -> None:
+    text = (
+        "max_connections: -1\n"
+        + MINIMAL
+        + """\
+    balance: fastest
+    proxy_protocol: v3
+    accept_proxy_protocol: maybe
+    proxy_protocol_timeout: 0s
+    health_check:
+      interval: 0s
+      timeout: 1
+      rise: 0
+      fall: many
+      send: 5
+      expect: ""
+      colour: red
+    max_connect_attempts: 0
+    max_duration: soon
+    resolve_interval: ~
+"""
+    )
+    assert errors_of(text) == [
+        "relay.yaml:1: max_connections: -1 is out of range (1 to 10000000)",
+        "relay.yaml:7: routes[0].balance: unknown value 'fastest'"
+        " (expected one of: round_robin, least_connections, random, source_hash)",
+        "relay.yaml:8: routes[0].proxy_protocol: unknown value 'v3'"
+        " (expected one of: none, v1, v2)",
+        "relay.yaml:9: routes[0].accept_proxy_protocol: expected true or false,"
+        " got a string ('maybe')",
+        "relay.yaml:10: routes[0].proxy_protocol_timeout: bad duration '0s':"
+        " must be greater than zero",
+        "relay.yaml:12: routes[0].health_check.interval: bad duration '0s':"
+        " must be greater than zero",
+        f"relay.yaml:13: routes[0].health_check.timeout: bad duration '1': missing unit"
+        f" {DURATION_HINT}",
+        "relay.yaml:14: routes[0].health_check.rise: 0 is out of range (1 to 100)",
+        "relay.yaml:15: routes[0].health_check.fall: expected an integer, got a string ('many')",
+        "relay.yaml:16: routes[0].health_check.send: expected a string, got an integer ('5')"
+        " (quote it to make it a string)",
+        "relay.yaml:17: routes[0].health_check.expect: must not be empty"
+        " (leave it out to need no reply)",
+        "relay.yaml:18: routes[0].health_check.colour: unknown key"
+        f" (allowed keys: {HEALTH_CHECK_KEYS_LIST})",
+        "relay.yaml:19: routes[0].max_connect_attempts: 0 is out of range (1 to 100)",
+        "relay.yaml:20: routes[0].max_duration: bad duration 'soon':"
+        f" expected a number and a unit {DURATION_HINT}",
+        f"relay.yaml:21: routes[0].resolve_interval: expected a duration {DURATION_HINT}, got null",
+    ]
 
 
 # --- files and the command line --------------------------------------------------------
+
+
+def test_example_config_runs_as_it_is() -> None:
+    config = load_config(str(EXAMPLE))
+    assert config.max_connections is None
+    assert config.routes == (default_route(),)
+
+
+# A key the example shows commented out: "# key: value", with nothing else after the "#".
+_COMMENTED_KEY = re.compile(r"^(\s*)# (\s*[a-z_]+:(?: .*)?)$", re.MULTILINE)
+
+
+def test_example_config_with_every_commented_out_key_in_use() -> None:
+    text = EXAMPLE.read_text()
+    uncommented = _COMMENTED_KEY.sub(r"\1\2", text)
+    assert uncommented != text
+    config = parse_config(uncommented, "relay.yaml")
+    assert config.max_connections == 50000
+    assert config.routes == (
+        default_route(
+            max_duration=86400.0,
+            max_connect_attempts=3,
+            health_check=HealthCheck(
+                interval=5.0, timeout=1.0, rise=2, fall=3, send=b"PING\r\n", expect=b"+PONG"
+            ),
+            allow=(network("127.0.0.0/8"), network("::1/128")),
+        ),
+    )
 
 
 def test_load_config_reads_the_file(tmp_path: Path) -> None:
@@ -763,6 +1269,7 @@ RENDERED_MINIMAL = """\
 # Effective configuration: every default is written out.
 workers: 1
 shutdown_timeout: 30s
+max_connections: null
 metrics:
   listen: 127.0.0.1:9109
 log:
@@ -778,10 +1285,15 @@ routes:
   balance: round_robin
   proxy_protocol: none
   accept_proxy_protocol: false
+  proxy_protocol_timeout: 3s
+  health_check: false
   connect_timeout: 5s
   idle_timeout: 1h
+  max_duration: null
   pipe_size: 1MiB
   max_connections: 10000
+  max_connect_attempts: null
+  resolve_interval: 30s
   allow: []
   deny: []
 """
@@ -791,7 +1303,69 @@ def test_render_minimal_config_writes_out_every_default() -> None:
     assert render_config(parse_config(MINIMAL, FILE)) == RENDERED_MINIMAL
 
 
-@pytest.mark.parametrize("text", [MINIMAL, FULL, "metrics: false\n" + MINIMAL])
+def test_render_writes_out_every_new_setting() -> None:
+    text = (
+        "max_connections: 5000\n"
+        + MINIMAL
+        + """\
+    balance: source_hash
+    proxy_protocol: v1
+    accept_proxy_protocol: true
+    proxy_protocol_timeout: 250ms
+    health_check: {send: "PING\\r\\n", expect: "+PONG", interval: 2m}
+    max_connect_attempts: 2
+    max_duration: 90m
+    resolve_interval: 1m
+"""
+    )
+    rendered = render_config(parse_config(text, FILE))
+    assert rendered.startswith(
+        "# Effective configuration: every default is written out.\n"
+        "workers: 1\n"
+        "shutdown_timeout: 30s\n"
+        "max_connections: 5000\n"
+    )
+    assert rendered.endswith(
+        """\
+  balance: source_hash
+  proxy_protocol: v1
+  accept_proxy_protocol: true
+  proxy_protocol_timeout: 250ms
+  health_check:
+    interval: 2m
+    timeout: 1s
+    rise: 2
+    fall: 3
+    send: "PING\\r\\n"
+    expect: +PONG
+  connect_timeout: 5s
+  idle_timeout: 1h
+  max_duration: 90m
+  pipe_size: 1MiB
+  max_connections: 10000
+  max_connect_attempts: 2
+  resolve_interval: 1m
+  allow: []
+  deny: []
+"""
+    )
+
+
+ROUND_TRIPS = [
+    MINIMAL,
+    FULL,
+    "metrics: false\n" + MINIMAL,
+    "max_connections: 1\n" + MINIMAL + "    health_check: true\n",
+    MINIMAL + '    health_check: {send: "\\0\\t\\x85\\u2028\\ufeff\\U0001F600 #: \'"}\n',
+    MINIMAL + "    health_check: {send: 'null', expect: '5s'}\n",
+    MINIMAL + "    health_check: {send: ' a ', expect: '- b'}\n",
+    "defaults: {max_duration: 1h, max_connect_attempts: 3}\n"
+    + MINIMAL
+    + "    max_duration: null\n    max_connect_attempts: ~\n",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIPS)
 def test_rendered_config_parses_back_to_an_equal_config(text: str) -> None:
     config = parse_config(text, FILE)
     rendered = render_config(config)
@@ -841,6 +1415,21 @@ _NETWORKS = st.builds(
     st.ip_addresses(),
     st.integers(0, 128),
 )
+# Any text UTF-8 can hold, control characters and all: YAML escapes what it must.
+_PAYLOADS = st.one_of(st.none(), st.text(min_size=1, max_size=20).map(str.encode))
+_HEALTH_CHECKS = st.one_of(
+    st.none(),
+    st.builds(
+        lambda durations, rise, fall, send, expect: HealthCheck(
+            max(durations), min(durations), rise, fall, send, expect
+        ),
+        st.tuples(_DURATIONS, _DURATIONS),
+        st.integers(1, 100),
+        st.integers(1, 100),
+        _PAYLOADS,
+        _PAYLOADS,
+    ),
+)
 _ROUTES = st.builds(
     Route,
     name=st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True),
@@ -848,13 +1437,20 @@ _ROUTES = st.builds(
     upstreams=st.lists(
         st.builds(Upstream, _addresses(1), st.integers(1, 1000)), min_size=1, max_size=3
     ).map(tuple),
-    balance=st.just("round_robin"),
+    balance=st.sampled_from(["round_robin", "least_connections", "random", "source_hash"]),
     connect_timeout=_DURATIONS,
     idle_timeout=_DURATIONS,
     pipe_size=st.integers(4096, 1 << 30),
     max_connections=st.integers(1, 1_000_000),
     allow=st.lists(_NETWORKS, max_size=3).map(tuple),
     deny=st.lists(_NETWORKS, max_size=3).map(tuple),
+    proxy_protocol=st.sampled_from(["none", "v1", "v2"]),
+    accept_proxy_protocol=st.booleans(),
+    proxy_protocol_timeout=_DURATIONS,
+    health_check=_HEALTH_CHECKS,
+    max_connect_attempts=st.one_of(st.none(), st.integers(1, 100)),
+    max_duration=st.one_of(st.none(), _DURATIONS),
+    resolve_interval=_DURATIONS,
 )
 _CONFIGS = st.builds(
     Config,
@@ -877,6 +1473,7 @@ _CONFIGS = st.builds(
         unique_by=(lambda route: route.name, lambda route: route.listen),
     ).map(tuple),
     source=st.just(FILE),
+    max_connections=st.one_of(st.none(), st.integers(1, 10_000_000)),
 )
 
 
@@ -942,6 +1539,11 @@ _KEYS = st.one_of(
             "weight",
             "allow",
             "level",
+            "health_check",
+            "interval",
+            "send",
+            "max_connections",
+            "max_duration",
         ]
     ),
     st.text(max_size=10),
@@ -985,9 +1587,31 @@ _ROUTE_TREES = st.fixed_dictionaries(
         "upstreams": _maybe(st.lists(_maybe(_UPSTREAM_TREES), min_size=1, max_size=3)),
     },
     optional={
-        "balance": _maybe(_pick(["round_robin"], ["random", "x"])),
-        "proxy_protocol": _maybe(_pick(["none"], ["v1", "v3"])),
-        "accept_proxy_protocol": _maybe(_pick([False], [True, "no"])),
+        "balance": _maybe(
+            _pick(["round_robin", "least_connections", "random", "source_hash"], ["x", 1])
+        ),
+        "proxy_protocol": _maybe(_pick(["none", "v1", "v2"], ["v3", False])),
+        "accept_proxy_protocol": _maybe(_pick([False, True], ["no"])),
+        "proxy_protocol_timeout": _maybe(_pick(["3s", "100ms"], ["0s", None])),
+        "health_check": _maybe(
+            st.one_of(
+                st.booleans(),
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "interval": _pick(["5s", "1s"], ["500ms", "0s"]),
+                        "timeout": _pick(["1s", "100ms"], ["1h", 1]),
+                        "rise": _pick([1, 100], [0, 101]),
+                        "fall": _pick([3], [0, "3"]),
+                        "send": _pick(["PING\r\n", "\x00\u2028", None], ["", 5]),
+                        "expect": _pick(["+PONG", "é", None], ["", []]),
+                    },
+                ),
+            )
+        ),
+        "max_connect_attempts": _maybe(_pick([1, 100, None], [0, 101, "3"])),
+        "max_duration": _maybe(_pick(["1h", None], ["0s", 5])),
+        "resolve_interval": _maybe(_pick(["30s"], ["30", None])),
         "allow": _maybe(st.lists(_pick(["10.0.0.0/8", "::1", "0.0.0.0/0"], ["1.2.3.4/8"]))),
         "deny": _maybe(st.lists(_pick(["0.0.0.0/0", "fd00::/8"], ["::/129"]))),
         "connect_timeout": _maybe(_pick(["5s", "250ms"], ["0s", "1x", 5])),
@@ -999,6 +1623,7 @@ _CONFIG_TREES = st.fixed_dictionaries(
     {"routes": _maybe(st.lists(_maybe(_ROUTE_TREES), min_size=1, max_size=3))},
     optional={
         "workers": _maybe(_pick([1], [2, "auto"])),
+        "max_connections": _maybe(_pick([1, 10_000_000, None], [0, 10_000_001, "1"])),
         "shutdown_timeout": _maybe(_pick(["30s", "250ms"], ["-1s"])),
         "metrics": _maybe(
             st.one_of(
@@ -1024,6 +1649,11 @@ _CONFIG_TREES = st.fixed_dictionaries(
                 optional={
                     "idle_timeout": _pick(["1h"], ["1"]),
                     "pipe_size": _pick(["1MiB"], ["2GiB"]),
+                    "max_duration": _pick(["1h", None], ["0s"]),
+                    "max_connect_attempts": _pick([3, None], [0]),
+                    "proxy_protocol_timeout": _pick(["1s"], ["-1s"]),
+                    "resolve_interval": _pick(["1m"], [None]),
+                    "balance": st.just("random"),  # a route-only key
                 },
             )
         ),

@@ -318,3 +318,32 @@ async def test_refused_pipe_resize_is_survived_and_counted(relay_factory):
     metrics = relay.metrics()
     assert metrics.get("splicerelay_pipe_resize_failures_total") >= 1
     assert metrics.get("splicerelay_bytes_total", path="splice") == 2 * size
+
+
+@pytest.mark.parametrize(
+    ("client", "allow", "deny", "allowed"),
+    [
+        ("10.1.2.3", [], [], True),
+        ("10.1.2.3", ["10.0.0.0/8"], [], True),
+        ("11.1.2.3", ["10.0.0.0/8"], [], False),
+        ("10.1.2.3", ["10.0.0.0/8"], ["10.1.0.0/16"], False),
+        ("2001:db8::5", ["2001:db8::/32"], [], True),
+        ("2001:db9::5", ["2001:db8::/32"], [], False),
+        ("::1", ["127.0.0.0/8"], [], False),
+        ("::ffff:10.1.2.3", ["10.0.0.0/8"], [], True),  # v4-mapped is matched as IPv4
+        ("::ffff:10.1.2.3", [], ["10.1.2.3/32"], False),
+    ],
+)
+def test_allow_and_deny_lists(client: str, allow: list[str], deny: list[str], allowed: bool):
+    import ipaddress
+
+    from splicerelay.server import is_allowed
+
+    assert (
+        is_allowed(
+            client,
+            [ipaddress.ip_network(net) for net in allow],
+            [ipaddress.ip_network(net) for net in deny],
+        )
+        is allowed
+    )
