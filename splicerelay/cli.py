@@ -14,10 +14,12 @@ import trio
 from . import __version__, logs
 from .addresses import AddressError, parse_address
 from .config import Config, ConfigError, config_from_args, load_config, render_config
+from .listeners import ListenerSet
 from .metrics import MetricsServer, make_registry
 from .server import Relay, RouteRuntime, StartupError, prepare_routes, session_record
 from .session import Outcome, Session
 from .stats import RelayStats
+from .systemd import Notifier, passed_sockets, watchdog_interval
 
 log = logging.getLogger("splicerelay")
 access_log = logging.getLogger("splicerelay.access")
@@ -25,6 +27,8 @@ access_log = logging.getLogger("splicerelay.access")
 # Diagnostics only: set to 1 to move every byte through user space instead of splice(2),
 # e.g. to rule the zero-copy path in or out while chasing a problem.
 FORCE_COPY_ENV = "SPLICERELAY_FORCE_COPY"
+WATCH_INTERVAL = 1.0  # seconds between looks at the config file with --watch
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to the service manager
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="ADDRESS",
         help="serve /metrics here (default: metrics.listen from the file; off for one-off relays)",
+    )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload when the config file changes (e.g. a Kubernetes ConfigMap update)",
     )
     run.add_argument("--log-level", choices=sorted(logs.LEVELS), help="override log.level")
     run.add_argument("--log-format", choices=["json", "text"], help="override log.format")
@@ -107,17 +116,23 @@ def load_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return config_from_args(args.listen, args.upstream)
 
 
+def configure_logs(args: argparse.Namespace, config: Config) -> None:
+    logs.configure(
+        args.log_level or config.log.level,
+        args.log_format or config.log.format,
+        config.log.access_log,
+    )
+
+
 def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         config = load_run_config(parser, args)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1
-    logs.configure(
-        args.log_level or config.log.level,
-        args.log_format or config.log.format,
-        config.log.access_log,
-    )
+    if args.watch and not args.config:
+        parser.error("--watch needs -c FILE")
+    configure_logs(args, config)
     metrics_address = config.metrics.listen if args.config else None
     if args.metrics_listen:
         try:
@@ -129,32 +144,34 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             return 1
 
     stats = RelayStats()
+    listeners = ListenerSet(passed_sockets())
     try:
-        runtimes = prepare_routes(config, stats)
+        runtimes = prepare_routes(config, stats, listeners)
     except StartupError as error:
         log.error(str(error))
+        listeners.close_all(lambda sock: sock.close())
         return 1
+    use_splice = os.environ.get(FORCE_COPY_ENV, "") not in ("1", "true", "yes")
+    relay = Relay(
+        config, runtimes, stats, listeners, use_splice=use_splice, access=write_access_log
+    )
     metrics_server = None
     if metrics_address is not None:
         try:
-            metrics_server = MetricsServer(metrics_address, make_registry(stats, __version__))
+            metrics_server = MetricsServer(
+                metrics_address, make_registry(stats, __version__), is_ready=relay.is_ready
+            )
         except OSError as error:
-            for runtime in runtimes:
-                runtime.listener.close()
+            listeners.close_all(lambda sock: sock.close())
             log.error(f"cannot serve metrics on {metrics_address}: {error.strerror or error}")
             return 1
         metrics_server.start()
-    use_splice = os.environ.get(FORCE_COPY_ENV, "") not in ("1", "true", "yes")
-    relay = Relay(
-        config,
-        runtimes,
-        stats,
-        use_splice=use_splice,
-        access=write_access_log if config.log.access_log else None,
-    )
+    notifier = Notifier()
+    reloader = Reloader(args, relay, notifier)
     try:
-        trio.run(serve_until_signalled, relay)
+        trio.run(serve_until_signalled, relay, notifier, reloader)
     finally:
+        notifier.close()
         if metrics_server is not None:
             metrics_server.close()
     log.info("stopped")
@@ -162,11 +179,94 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
-    access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
 
 
-async def serve_until_signalled(relay: Relay) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short."""
+def status_line(relay: Relay) -> str:
+    count = relay.active_sessions
+    return f"{count} connection{'' if count == 1 else 's'}"
+
+
+class Reloader:
+    """Re-reads the config file and applies it; one reload at a time."""
+
+    def __init__(self, args: argparse.Namespace, relay: Relay, notifier: Notifier) -> None:
+        self.args = args
+        self.path: str | None = args.config
+        self.relay = relay
+        self.notifier = notifier
+        self._lock = trio.Lock()
+
+    async def reload(self, reason: str) -> None:
+        if self.path is None:
+            log.warning("nothing to reload: the relay runs from command-line flags")
+            return
+        async with self._lock:
+            self.notifier.reloading()
+            reloads = self.relay.stats.config_reloads
+            try:
+                config = await trio.to_thread.run_sync(load_config, self.path)
+                await self.relay.reload(config)
+            except ConfigError as error:
+                reloads["failure"] += 1
+                log.error(
+                    "reload failed: invalid config; the running config stays",
+                    extra={"fields": {"reason": reason, "errors": error.errors}},
+                )
+            except StartupError as error:
+                reloads["failure"] += 1
+                log.error(
+                    "reload failed; the running config stays",
+                    extra={"fields": {"reason": reason, "error": str(error)}},
+                )
+            else:
+                reloads["success"] += 1
+                configure_logs(self.args, config)
+            finally:
+                self.notifier.ready(status_line(self.relay))
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Reload when the file changes; also when a ConfigMap swaps its symlink."""
+        assert self.path is not None
+        seen = file_identity(self.path)
+        while True:
+            await trio.sleep(interval)
+            current = file_identity(self.path)
+            if current != seen and current is not None:
+                seen = current
+                await self.reload("file changed")
+
+
+def file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or replaced (stat follows symlinks)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+async def keep_service_manager_informed(relay: Relay, notifier: Notifier) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC, and STATUS= with the connection count."""
+    watchdog = watchdog_interval()
+    interval = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
+    last_status = ""
+    while True:
+        if watchdog:
+            notifier.watchdog()
+        status = status_line(relay)
+        if status != last_status:
+            notifier.status(status)
+            last_status = status
+        await trio.sleep(interval)
+
+
+async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Reloader) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short.
+
+    SIGHUP reloads the config file.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -175,6 +275,7 @@ async def serve_until_signalled(relay: Relay) -> None:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve)
+            notifier.ready(status_line(relay))
             log.info(
                 "ready",
                 extra={
@@ -185,16 +286,20 @@ async def serve_until_signalled(relay: Relay) -> None:
                     }
                 },
             )
+            if notifier.enabled:
+                nursery.start_soon(keep_service_manager_informed, relay, notifier)
+            if reloader.args.watch:
+                nursery.start_soon(reloader.watch)
             stopping = False
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.warning(
-                        "SIGHUP: reloading is not supported yet; keeping the running config"
-                    )
+                    if not stopping:
+                        await reloader.reload("SIGHUP")
                     continue
                 if not stopping:
                     stopping = True
                     log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                    notifier.stopping(f"draining {status_line(relay)}")
                     relay.begin_shutdown()
                 else:
                     log.info("second signal: closing all connections now")

@@ -1099,7 +1099,26 @@ def render_config(config: Config) -> str:
         "routes": [_route_data(route) for route in config.routes],
     }
     header = "# Effective configuration: every default is written out.\n"
-    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    return header + yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes a string holding a line break other than \\n or \\r in
+    double quotes, where it is escaped."""
+
+
+_UNICODE_BREAKS = "\x85\u2028\u2029"
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    # Why: PyYAML writes NEL (U+0085), and at times U+2028 and U+2029, raw inside single
+    # quotes, and reading such a scalar back folds the break into a space. A health check
+    # payload may hold any character, and must read back exactly.
+    style = '"' if any(char in text for char in _UNICODE_BREAKS) else None
+    return dumper.represent_scalar(_STR, text, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
 
 
 def _route_data(route: Route) -> dict[str, Any]:

@@ -89,6 +89,15 @@ class RelayCollector(Collector):
             limited.add_metric([route.name], route.limited_seconds)
         yield durations
         yield limited
+        reloads = CounterMetricFamily(
+            "splicerelay_config_reloads",
+            "Config reloads (SIGHUP or --watch), by result; a failure keeps the running config.",
+            labels=["result"],
+        )
+        counts = dict(self._stats.config_reloads)
+        for result in ("success", "failure"):
+            reloads.add_metric([result], counts.get(result, 0))
+        yield reloads
         yield CounterMetricFamily(
             "splicerelay_global_limit_wait_seconds",
             "Time accepting was paused at the global max_connections.",
@@ -166,22 +175,32 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def make_app(
-    registry: CollectorRegistry, is_live: Callable[[], bool]
+    registry: CollectorRegistry, is_ready: Callable[[], bool]
 ) -> Callable[..., Iterator[bytes]]:
+    """/metrics; /healthz answers while the process lives; /readyz once it serves."""
     metrics_app = make_wsgi_app(registry)
+
+    def plain(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
-            ok = is_live()
-            start_response(
-                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            return plain(start_response, "200 OK", "ok\n")
+        if path == "/readyz":
+            if is_ready():
+                return plain(start_response, "200 OK", "ready\n")
+            return plain(
+                start_response,
+                "503 Service Unavailable",
+                "not ready: listeners not bound yet, or a route has no upstream up\n",
             )
-            return [b"ok\n" if ok else b"not ok\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics or /healthz\n"]
+        return plain(
+            start_response, "404 Not Found", "not found: try /metrics, /healthz or /readyz\n"
+        )
 
     return app
 
@@ -189,7 +208,12 @@ def make_app(
 class MetricsServer:
     """The /metrics endpoint, served from a daemon thread."""
 
-    def __init__(self, address: Address, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        address: Address,
+        registry: CollectorRegistry,
+        is_ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         if not isinstance(address, TcpAddress):
             raise OSError(f"metrics.listen must be a TCP address, not {address}")
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -217,7 +241,7 @@ class MetricsServer:
         self._server = make_server(
             address.host,
             address.port,
-            make_app(registry, lambda: True),
+            make_app(registry, is_ready),
             server_class=Server,
             handler_class=_QuietHandler,
         )

@@ -7,23 +7,20 @@ accepted, so the event loop never calls getaddrinfo per connection.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from .addresses import Address, UnixAddress
 from .balancer import Strategy, make_strategy
 from .config import Config, Route
 from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header, send_all
+from .listeners import ListenError, ListenerSet
 from .session import ConnectError, Outcome, Session, connect, prepare_accepted
 from .splice import PipePool, close_socket
 from .stats import RelayStats, RouteStats
@@ -32,12 +29,10 @@ from .upstreams import (
     UpstreamRuntime,
     make_upstreams,
     refresh_addresses,
-    resolve,
     run_health_checks,
 )
 
 log = logging.getLogger("splicerelay")
-access_log = logging.getLogger("splicerelay.access")
 
 # accept() errors that mean "out of a resource for now": back off and retry instead of
 # dying, as trio's serve_listeners does. Connections wait in the kernel backlog meanwhile.
@@ -45,7 +40,6 @@ ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # accept() errors that concern only the one connection being accepted.
 ACCEPT_CONNECTION_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 ACCEPT_BACKOFF_SECONDS = 0.1
-LISTEN_BACKLOG = 4096
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AccessLogger = Callable[["RouteRuntime", Session, Outcome], None]
@@ -53,47 +47,6 @@ AccessLogger = Callable[["RouteRuntime", Session, Outcome], None]
 
 class StartupError(Exception):
     """A route cannot start (name does not resolve, port in use, ...)."""
-
-
-def open_listener(address: Address) -> socket.socket:
-    """Bind and listen on `address`; the socket is non-blocking."""
-    if isinstance(address, UnixAddress):
-        remove_stale_unix_socket(address.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: str | tuple[str, int] | tuple[str, int, int, int] = address.path
-    else:
-        try:
-            resolved = resolve(address, passive=True)
-        except ResolveError as error:
-            raise StartupError(str(error)) from None
-        family = resolved.family
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        target = resolved.sockaddr
-        # Why: without SO_REUSEADDR a restart fails while old connections sit in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # Why: let [::]:P and 0.0.0.0:P be two routes, as the config says, instead
-            # of the v6 socket silently taking the v4 traffic too.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    try:
-        sock.bind(target)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as error:
-        sock.close()
-        raise StartupError(f"cannot listen on {address}: {error.strerror}") from None
-    return sock
-
-
-def remove_stale_unix_socket(path: str) -> None:
-    """Remove a unix socket file left by an earlier run; refuse to remove anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"cannot listen on unix:{path}: a file that is not a socket is there")
-    os.unlink(path)
 
 
 def format_endpoint(endpoint: tuple[str, int] | None) -> str:
@@ -130,7 +83,9 @@ class RouteRuntime:
     strategy: Strategy
     stats: RouteStats
     slots: trio.Semaphore
-    sessions: set[Session] = field(default_factory=set)
+    # Cancels this runtime's accept loop and upstream tasks (on reload or shutdown);
+    # its sessions live on in the relay's session nursery.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def attempt_order(self, client_ip: str | None) -> list[int]:
         upstreams = self.upstreams
@@ -143,9 +98,14 @@ class RouteRuntime:
         return order[:limit] if limit else order
 
 
-def prepare_routes(config: Config, stats: RelayStats) -> list[RouteRuntime]:
-    """Resolve every upstream and bind every listener, or raise StartupError."""
+def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) -> list[RouteRuntime]:
+    """Resolve every upstream and take every listener, or raise StartupError.
+
+    Blocking (getaddrinfo, bind): run it before serving or in a worker thread. On
+    failure, listeners that this call opened are closed again; kept ones stay.
+    """
     runtimes: list[RouteRuntime] = []
+    before = listeners.addresses()
     try:
         for route in config.routes:
             route_stats = stats.route(route.name)
@@ -153,8 +113,8 @@ def prepare_routes(config: Config, stats: RelayStats) -> list[RouteRuntime]:
                 upstreams = make_upstreams(
                     route.upstreams, route.health_check, route_stats.upstream
                 )
-                listener = open_listener(route.listen)
-            except (StartupError, ResolveError) as error:
+                listener = listeners.take(route.name, route.listen)
+            except (ListenError, ResolveError) as error:
                 raise StartupError(f"route {route.name}: {error}") from None
             runtimes.append(
                 RouteRuntime(
@@ -171,20 +131,25 @@ def prepare_routes(config: Config, stats: RelayStats) -> list[RouteRuntime]:
                 )
             )
     except BaseException:
-        for runtime in runtimes:
-            runtime.listener.close()
+        listeners.close_except(before, lambda sock: sock.close())
         raise
     return runtimes
 
 
 class Relay:
-    """Serves prepared routes until `begin_shutdown()`, then drains and returns."""
+    """Serves routes until `begin_shutdown()`, then drains and returns.
+
+    `reload()` swaps in the routes of a new config while running: new routes start,
+    removed ones stop accepting, changed ones apply to new connections, and every
+    established connection carries on untouched.
+    """
 
     def __init__(
         self,
         config: Config,
         runtimes: list[RouteRuntime],
         stats: RelayStats,
+        listeners: ListenerSet,
         *,
         use_splice: bool = True,
         access: AccessLogger | None = None,
@@ -192,89 +157,142 @@ class Relay:
         self.config = config
         self.runtimes = runtimes
         self.stats = stats
+        self.listeners = listeners
         self.use_splice = use_splice
         self.pool = PipePool(stats.pipes)
+        self.serving = False
         self._access = access
-        self._accepting = trio.CancelScope()
-        self._active_sessions = 0
+        self._stop_requested = trio.Event()
+        self._sessions: dict[Session, RouteRuntime] = {}
         self._all_done = trio.Event()
         self._session_nursery: trio.Nursery | None = None
+        self._route_nursery: trio.Nursery | None = None
         self._resource_warning_logged = False
-        self._global_slots = (
-            trio.Semaphore(config.max_connections) if config.max_connections else None
+        self._global_slots = self._global_limit(config)
+
+    @staticmethod
+    def _global_limit(config: Config) -> trio.Semaphore | None:
+        return trio.Semaphore(config.max_connections) if config.max_connections else None
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    def is_ready(self) -> bool:
+        """Listeners bound and every route has an upstream that is up (for /readyz)."""
+        return self.serving and all(
+            any(upstream.health.up for upstream in runtime.upstreams)
+            for runtime in list(self.runtimes)
         )
 
     # ----- lifecycle -------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._session_nursery = nursery
-                nursery.start_soon(self._sweep_idle)
-                for runtime in self.runtimes:
-                    self._start_upstream_tasks(nursery, runtime)
-                with self._accepting:
-                    async with trio.open_nursery() as acceptors:
-                        for runtime in self.runtimes:
-                            acceptors.start_soon(self._accept_loop, runtime)
-                        task_status.started()
-                self._close_listeners()
+            async with trio.open_nursery() as sessions:
+                self._session_nursery = sessions
+                sessions.start_soon(self._sweep_idle)
+                async with trio.open_nursery() as routes:
+                    self._route_nursery = routes
+                    for runtime in self.runtimes:
+                        self._start_route(runtime)
+                    self.serving = True
+                    task_status.started()
+                    await self._stop_requested.wait()
+                    routes.cancel_scope.cancel()
+                self.serving = False
+                self.listeners.close_all(close_socket)
                 await self._drain()
-                nursery.cancel_scope.cancel()
+                sessions.cancel_scope.cancel()
         finally:
-            self._close_listeners()
+            self.serving = False
+            self.listeners.close_all(close_socket)
             self.pool.close()
 
-    @staticmethod
-    def _start_upstream_tasks(nursery: trio.Nursery, runtime: RouteRuntime) -> None:
+    def _start_route(self, runtime: RouteRuntime) -> None:
+        assert self._route_nursery is not None
+        self._route_nursery.start_soon(self._run_route, runtime)
+
+    async def _run_route(self, runtime: RouteRuntime) -> None:
         route = runtime.route
-        nursery.start_soon(refresh_addresses, runtime.upstreams, route.resolve_interval)
-        if route.health_check is not None:
-            for upstream in runtime.upstreams:
-                nursery.start_soon(run_health_checks, upstream, route.health_check)
+        with runtime.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept_loop, runtime)
+                nursery.start_soon(refresh_addresses, runtime.upstreams, route.resolve_interval)
+                if route.health_check is not None:
+                    for upstream in runtime.upstreams:
+                        nursery.start_soon(run_health_checks, upstream, route.health_check)
+
+    async def reload(self, config: Config) -> None:
+        """Apply `config` to new connections; raise StartupError and change nothing if
+        a route cannot start (a new port in use, a name that does not resolve)."""
+        runtimes = await trio.to_thread.run_sync(prepare_routes, config, self.stats, self.listeners)
+        old = self.runtimes
+        for runtime in old:
+            runtime.scope.cancel()
+        self.listeners.close_except({runtime.route.listen for runtime in runtimes}, close_socket)
+        if config.max_connections != self.config.max_connections:
+            # Sessions release the semaphore they took, so swapping it is safe.
+            self._global_slots = self._global_limit(config)
+        self._forget_removed_upstreams(runtimes)
+        self.config = config
+        self.runtimes = runtimes
+        for runtime in runtimes:
+            self._start_route(runtime)
+        log.info(
+            "config reloaded",
+            extra={
+                "fields": {
+                    "routes": [r.route.name for r in runtimes],
+                    "removed": sorted(
+                        {r.route.name for r in old} - {r.route.name for r in runtimes}
+                    ),
+                }
+            },
+        )
+
+    def _forget_removed_upstreams(self, runtimes: list[RouteRuntime]) -> None:
+        """Drop the per-upstream series of upstreams no longer configured."""
+        for runtime in runtimes:
+            current = {upstream.label for upstream in runtime.upstreams}
+            for label in list(runtime.stats.upstreams):
+                if label not in current:
+                    del runtime.stats.upstreams[label]
 
     def begin_shutdown(self) -> None:
         """Stop accepting; running transfers get `shutdown_timeout` to finish."""
-        self._accepting.cancel()
+        self._stop_requested.set()
 
     def stop_all_sessions(self) -> None:
         """Cut every running session now (second signal, or drain timeout)."""
-        for runtime in self.runtimes:
-            for session in list(runtime.sessions):
-                session.stop(Outcome.SHUTDOWN)
+        for session in list(self._sessions):
+            session.stop(Outcome.SHUTDOWN)
 
     async def _drain(self) -> None:
-        if self._active_sessions:
+        if self._sessions:
             log.info(
                 "draining",
                 extra={
                     "fields": {
-                        "connections": self._active_sessions,
+                        "connections": len(self._sessions),
                         "timeout_seconds": self.config.shutdown_timeout,
                     }
                 },
             )
         with trio.move_on_after(self.config.shutdown_timeout):
             await self._wait_all_sessions_done()
-        if self._active_sessions:
+        if self._sessions:
             log.warning(
                 "shutdown timeout: closing remaining connections",
-                extra={"fields": {"connections": self._active_sessions}},
+                extra={"fields": {"connections": len(self._sessions)}},
             )
             self.stop_all_sessions()
             await self._wait_all_sessions_done()
 
     async def _wait_all_sessions_done(self) -> None:
-        while self._active_sessions:
+        while self._sessions:
             self._all_done = trio.Event()
             await self._all_done.wait()
-
-    def _close_listeners(self) -> None:
-        for runtime in self.runtimes:
-            close_socket(runtime.listener)
-            if isinstance(runtime.route.listen, UnixAddress):
-                with contextlib.suppress(OSError):
-                    os.unlink(runtime.route.listen.path)
 
     # ----- accepting -------------------------------------------------------------
 
@@ -288,15 +306,15 @@ class Relay:
             # with HAProxy) instead of being accepted and dropped.
             await self._acquire_timed(runtime.slots, runtime.stats, is_global=False)
             try:
-                client, peer = await self._accept_with_global_slot(runtime, listener)
+                client, peer, global_slot = await self._accept_with_global_slot(runtime, listener)
             except BaseException:
                 runtime.slots.release()
                 raise
-            start_session(self._handle, runtime, client, peer)
+            start_session(self._handle, runtime, client, peer, global_slot)
 
     async def _accept_with_global_slot(
         self, runtime: RouteRuntime, listener: socket.socket
-    ) -> tuple[socket.socket, object]:
+    ) -> tuple[socket.socket, object, trio.Semaphore | None]:
         """Accept one client, holding a global slot for it when there is a global limit.
 
         Why the global slot is taken only once a client is waiting: a route with no
@@ -317,7 +335,7 @@ class Relay:
                     global_slots.release()
                 raise
             if accepted is not None:
-                return accepted
+                return accepted[0], accepted[1], global_slots
             if global_slots is not None:
                 global_slots.release()
             await trio.lowlevel.wait_readable(listener)
@@ -340,11 +358,6 @@ class Relay:
                 self.stats.global_limited_seconds += waited
             else:
                 stats.limited_seconds += waited
-
-    def _release_slots(self, runtime: RouteRuntime) -> None:
-        runtime.slots.release()
-        if self._global_slots is not None:
-            self._global_slots.release()
 
     async def _accept_one(self, listener: socket.socket) -> tuple[socket.socket, object] | None:
         """One accept(): a client, or None when there is none to take right now."""
@@ -372,12 +385,18 @@ class Relay:
 
     # ----- one connection ---------------------------------------------------------
 
-    async def _handle(self, runtime: RouteRuntime, client: socket.socket, peer: object) -> None:
+    async def _handle(
+        self,
+        runtime: RouteRuntime,
+        client: socket.socket,
+        peer: object,
+        global_slot: trio.Semaphore | None,
+    ) -> None:
+        """Run one connection; the slots it holds are released on every path."""
         endpoint = endpoint_of(client.family, peer)
         session = Session(client, format_endpoint(endpoint))
-        runtime.sessions.add(session)
+        self._sessions[session] = runtime
         runtime.stats.active += 1
-        self._active_sessions += 1
         outcome: Outcome | None = None
         try:
             with session.cancel_scope:
@@ -394,14 +413,15 @@ class Relay:
             session.close(outcome)
             if session.upstream_stats is not None:
                 session.upstream_stats.active -= 1
-            runtime.sessions.discard(session)
+            del self._sessions[session]
             stats = runtime.stats
             stats.active -= 1
             stats.outcomes[outcome.value] += 1
             stats.duration_seconds.observe(time.monotonic() - session.started)
-            self._release_slots(runtime)
-            self._active_sessions -= 1
-            if not self._active_sessions:
+            runtime.slots.release()
+            if global_slot is not None:
+                global_slot.release()
+            if not self._sessions:
                 self._all_done.set()
             if self._access is not None:
                 self._access(runtime, session, outcome)
@@ -508,23 +528,21 @@ class Relay:
 
         A session is idle when its byte count has not moved since it was last seen to;
         the timeout therefore fires between idle_timeout and idle_timeout + interval.
-        max_duration is checked on the same sweep.
+        max_duration is checked on the same sweep. Each session keeps the route options
+        it started with, also across reloads.
         """
-        interval = self._sweep_interval()
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(self._sweep_interval())
             now = trio.current_time()
-            for runtime in self.runtimes:
-                timeout = runtime.route.idle_timeout
+            for session, runtime in list(self._sessions.items()):
                 max_duration = runtime.route.max_duration
-                for session in list(runtime.sessions):
-                    if max_duration and now - session.started_clock >= max_duration:
-                        session.stop(Outcome.MAX_DURATION)
-                    elif session.activity != session.seen_activity:
-                        session.seen_activity = session.activity
-                        session.idle_since = now
-                    elif now - session.idle_since >= timeout:
-                        session.stop(Outcome.IDLE_TIMEOUT)
+                if max_duration and now - session.started_clock >= max_duration:
+                    session.stop(Outcome.MAX_DURATION)
+                elif session.activity != session.seen_activity:
+                    session.seen_activity = session.activity
+                    session.idle_since = now
+                elif now - session.idle_since >= runtime.route.idle_timeout:
+                    session.stop(Outcome.IDLE_TIMEOUT)
 
 
 def session_record(runtime: RouteRuntime, session: Session, outcome: Outcome) -> dict[str, object]:

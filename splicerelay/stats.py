@@ -129,6 +129,8 @@ class RelayStats:
     pipes: PipeStats = field(default_factory=PipeStats)
     # Seconds accepting waited for the global max_connections.
     global_limited_seconds: float = 0.0
+    # "success" / "failure" -> count
+    config_reloads: Counter[str] = field(default_factory=Counter)
 
     def route(self, name: str) -> RouteStats:
         """The counters of route `name`, created on first use and kept across reloads."""

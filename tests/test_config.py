@@ -568,7 +568,7 @@ def test_defaults_are_inherited_and_a_route_overrides_them(
     )
 
 
-def test_every_default_at_once_with_overrides_one_by_one() -> None:
+def test_the_newer_defaults_together_and_a_route_overriding_one() -> None:
     text = """\
 defaults:
   proxy_protocol_timeout: 1s
@@ -1359,6 +1359,7 @@ ROUND_TRIPS = [
     MINIMAL + '    health_check: {send: "\\0\\t\\x85\\u2028\\ufeff\\U0001F600 #: \'"}\n',
     MINIMAL + "    health_check: {send: 'null', expect: '5s'}\n",
     MINIMAL + "    health_check: {send: ' a ', expect: '- b'}\n",
+    MINIMAL + '    health_check: {send: "a\\Nb", expect: "\\x85\\L\\P "}\n',
     "defaults: {max_duration: 1h, max_connect_attempts: 3}\n"
     + MINIMAL
     + "    max_duration: null\n    max_connect_attempts: ~\n",
@@ -1415,8 +1416,16 @@ _NETWORKS = st.builds(
     st.ip_addresses(),
     st.integers(0, 128),
 )
-# Any text UTF-8 can hold, control characters and all: YAML escapes what it must.
-_PAYLOADS = st.one_of(st.none(), st.text(min_size=1, max_size=20).map(str.encode))
+# Any text UTF-8 can hold, control characters and all, with YAML's line breaks and
+# punctuation often.
+_PAYLOADS = st.one_of(
+    st.none(),
+    st.text(
+        st.one_of(st.characters(codec="utf-8"), st.sampled_from("\r\n\x85\u2028\u2029\t '\"#:-\\")),
+        min_size=1,
+        max_size=20,
+    ).map(str.encode),
+)
 _HEALTH_CHECKS = st.one_of(
     st.none(),
     st.builds(

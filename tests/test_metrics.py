@@ -29,6 +29,7 @@ EXPECTED_FAMILIES = {
     "splicerelay_connection_duration_seconds": "histogram",
     "splicerelay_limit_wait_seconds_total": "counter",
     "splicerelay_global_limit_wait_seconds_total": "counter",
+    "splicerelay_config_reloads_total": "counter",
 }
 
 

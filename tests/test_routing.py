@@ -13,7 +13,7 @@ import trio
 
 from splicerelay.proxy_protocol import encode_v1, encode_v2
 
-from .harness import free_port, poll_until, refused_port
+from .harness import Relay, free_port, poll_until, refused_port
 from .peers import connect, receive_all, start_server
 from .real_peers import haproxy_sending_proxy_v2, nginx_proxy_echo
 from .test_data_path import relay_config
@@ -67,7 +67,12 @@ async def test_chain_haproxy_v2_to_relay_v1_to_nginx_keeps_the_original_client(
                 body, (client_ip, client_port) = await http_get(haproxy_port)
                 assert body == f"{client_ip} {client_port}"
     # The access log names the original client too, not HAProxy's connection.
-    assert f'"client": "{client_ip}:{client_port}"' in relay.stdout()
+    await wait_for_access_log(relay, f'"client": "{client_ip}:{client_port}"')
+
+
+async def wait_for_access_log(relay: Relay, text: str) -> None:
+    """The line is written as the connection closes, just after the client saw it end."""
+    await trio.to_thread.run_sync(poll_until, lambda: text in relay.stdout(), 5, f"access log {text}")
 
 
 async def proxied_round_trip(port: int, prefix: bytes, payload: bytes) -> bytes | None:
@@ -121,8 +126,8 @@ async def test_proxy_header_garbage_missing_and_valid(relay_factory):
     metrics = relay.metrics()
     assert metrics.get("splicerelay_connections_total", outcome="bad_proxy_header") == 2
     assert metrics.get("splicerelay_connections_total", outcome="completed") == 2
-    assert '"client": "192.0.2.7:40000"' in relay.stdout()
-    assert '"client": "[2001:db8::7]:40001"' in relay.stdout()
+    await wait_for_access_log(relay, '"client": "192.0.2.7:40000"')
+    await wait_for_access_log(relay, '"client": "[2001:db8::7]:40001"')
 
 
 async def test_proxy_header_address_is_used_for_allow_and_deny(relay_factory):

@@ -1,0 +1,110 @@
+"""systemd integration in plain Python: sd_notify, the watchdog, and socket activation.
+
+No libsystemd: the notify protocol is one datagram per message on the AF_UNIX socket
+named by NOTIFY_SOCKET, and socket activation is a few environment variables naming
+file descriptors that start at 3. Without those variables everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+
+
+class Notifier:
+    """Sends sd_notify messages; silent when the service manager did not ask for them."""
+
+    def __init__(self, address: str | None = None) -> None:
+        address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        self._address: str | None = None
+        self._socket: socket.socket | None = None
+        if address:
+            # Why the translation: an address starting with "@" names a socket in the
+            # abstract namespace, which the socket API spells with a leading NUL byte.
+            self._address = "\0" + address[1:] if address.startswith("@") else address
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        return self._socket is not None
+
+    def send(self, *assignments: str) -> None:
+        """Send `KEY=VALUE` lines as one datagram; failures are never fatal."""
+        if self._socket is None or self._address is None:
+            return
+        # The manager may have gone away; the relay must keep relaying regardless.
+        with contextlib.suppress(OSError):
+            self._socket.sendto("\n".join(assignments).encode(), self._address)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        # Why MONOTONIC_USEC: with Type=notify-reload, systemd matches this message to the
+        # reload it asked for by the CLOCK_MONOTONIC timestamp.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when off."""
+    environ = environ if environ is not None else dict(os.environ)
+    usec = environ.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    pid = environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process
+    return int(usec) / 1e6 / 2
+
+
+@dataclass(frozen=True)
+class PassedSocket:
+    """A listening socket handed over by the service manager."""
+
+    sock: socket.socket
+    name: str  # from LISTEN_FDNAMES; "unknown" when unnamed
+
+
+def passed_sockets(environ: dict[str, str] | None = None, unset: bool = True) -> list[PassedSocket]:
+    """The sockets of socket activation (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES).
+
+    Only honoured when LISTEN_PID is this process, as sd_listen_fds() does. The
+    variables are then removed (with `unset`) so that child processes do not take the
+    same descriptors for theirs.
+    """
+    environ_view = environ if environ is not None else os.environ
+    count_text = environ_view.get("LISTEN_FDS", "")
+    pid_text = environ_view.get("LISTEN_PID", "")
+    if not count_text.isdigit() or pid_text != str(os.getpid()):
+        return []
+    names = environ_view.get("LISTEN_FDNAMES", "").split(":")
+    sockets = []
+    for offset in range(int(count_text)):
+        fd = LISTEN_FDS_START + offset
+        name = names[offset] if offset < len(names) and names[offset] else "unknown"
+        os.set_inheritable(fd, False)
+        sockets.append(PassedSocket(socket.socket(fileno=fd), name))
+    if unset and environ is None:
+        for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+    return sockets
