@@ -170,10 +170,13 @@ class RelayFactory:
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
         config_dir: Path | None = None,
+        after_launch: Callable[[], None] | None = None,
     ) -> Relay:
         """Run `splicerelay run -c` on `config_text` (`{metrics_port}` is filled in).
 
         Returns once the relay says it is ready, with its fd baseline recorded.
+        `after_launch` runs right after the process starts (e.g. to make the first
+        connection that socket activation waits for).
         """
         index = len(self.relays)
         metrics_port = free_port()
@@ -192,17 +195,23 @@ class RelayFactory:
             )
         relay = Relay(process, config_path, metrics_port, stdout_path, stderr_path)
         self.relays.append(relay)
+        if after_launch is not None:
+            after_launch()
 
         def ready() -> bool:
             if process.poll() is not None:
                 raise AssertionError(f"relay exited with {process.returncode}: {relay.stderr()}")
             # Every listener is bound before "ready" is logged; probing the routes with
             # connections instead would hand the test's upstreams stray sessions.
-            return '"message": "ready"' in relay.stderr()
+            log = relay.stderr()
+            return '"message": "ready"' in log or " info ready " in log
 
         poll_until(ready, STARTUP_TIMEOUT, "the relay to log that it is ready")
+        # Counted before the first scrape: a scrape's own socket may linger for a moment
+        # after it, and would inflate the baseline.
+        baseline = relay.fds()
         idle_pipes = int(relay.metrics().get("splicerelay_pipes", state="idle"))
-        relay.baseline_fds = relay.fds() - 2 * idle_pipes
+        relay.baseline_fds = baseline - 2 * idle_pipes
         return relay
 
     async def astart(self, config_text: str, **options: object) -> Relay:

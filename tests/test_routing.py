@@ -72,7 +72,9 @@ async def test_chain_haproxy_v2_to_relay_v1_to_nginx_keeps_the_original_client(
 
 async def wait_for_access_log(relay: Relay, text: str) -> None:
     """The line is written as the connection closes, just after the client saw it end."""
-    await trio.to_thread.run_sync(poll_until, lambda: text in relay.stdout(), 5, f"access log {text}")
+    await trio.to_thread.run_sync(
+        poll_until, lambda: text in relay.stdout(), 5, f"access log {text}"
+    )
 
 
 async def proxied_round_trip(port: int, prefix: bytes, payload: bytes) -> bytes | None:

@@ -1,0 +1,400 @@
+"""Running as a service: sd_notify, socket activation, reload without loss, drain, and a
+real Prometheus server scraping the relay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from .harness import Relay, free_port, poll_until
+from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
+from .real_peers import require, running
+from .test_data_path import relay_config
+from .test_routes import echo
+
+MiB = 1 << 20
+
+
+class NotifySocket:
+    """A stand-in for the service manager's end of NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def next(self, timeout: float = 10) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096).decode()
+        message = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        self.messages.append(message)
+        return message
+
+    def next_with(self, key: str, timeout: float = 10) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if key in message:
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def can_connect(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_notify_ready_reloading_stopping_and_watchdog(relay_factory, tmp_path: Path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        listen_port = free_port()
+        relay = relay_factory.start(
+            relay_config(listen_port, free_port()),
+            env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
+        )
+        ready = notify.next_with("READY")
+        assert ready["READY"] == "1"
+        # READY=1 is only sent once the port accepts.
+        assert can_connect(listen_port)
+        assert notify.next_with("WATCHDOG", timeout=2)["WATCHDOG"] == "1"
+
+        relay.process.send_signal(signal.SIGHUP)
+        reloading = notify.next_with("RELOADING")
+        assert reloading["RELOADING"] == "1"
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert notify.next_with("READY")["READY"] == "1"
+
+        relay.process.send_signal(signal.SIGTERM)
+        assert notify.next_with("STOPPING")["STOPPING"] == "1"
+        assert relay.process.wait(timeout=15) == 0
+    finally:
+        notify.close()
+
+
+async def test_socket_activation_serves_on_the_passed_socket(relay_factory):
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server(nursery, echo)
+        listen_port = free_port()
+        config = relay_config(listen_port, upstream_port).replace("name: test", "name: web")
+        # systemd-socket-activate starts the relay on the first connection. The relay
+        # would fail with "address in use" if it tried to bind the port itself.
+        first: list[socket.socket] = []
+        relay = await relay_factory.astart(
+            config,
+            prefix=[activate, "-l", f"127.0.0.1:{listen_port}", "--fdname=web"],
+            after_launch=lambda: first.append(connect_when_listening(listen_port)),
+        )
+        streams = [trio.SocketStream(trio.socket.from_stdlib_socket(first[0]))]
+        for index in range(20):
+            stream = streams.pop() if streams else await connect(listen_port)
+            message = f"exchange {index}".encode()
+            await stream.send_all(message)
+            await stream.send_eof()
+            reply = b""
+            while chunk := await stream.receive_some(100):
+                reply += chunk
+            await stream.aclose()
+            assert reply == message
+        nursery.cancel_scope.cancel()
+    metrics = relay.metrics()
+    assert metrics.get("splicerelay_connections_total", route="web", outcome="completed") == 20
+
+
+def connect_when_listening(port: int) -> socket.socket:
+    """Connect once the launcher has bound the port (it does so just after starting)."""
+    connected: list[socket.socket] = []
+
+    def attempt() -> bool:
+        try:
+            connected.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    poll_until(attempt, 10, f"port {port} to listen")
+    return connected[0]
+
+
+async def start_payload_server(nursery: trio.Nursery, seed: int, size: int, tag: bytes) -> int:
+    """An upstream that says `tag`, then sends `size` bytes and reads to EOF."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(tag)
+        await send_payload(stream, seed=seed, total=size)
+        await stream.send_eof()
+        await receive_all(stream)
+        await stream.aclose()
+
+    return await start_server(nursery, handler)
+
+
+async def download(port: int, tag_length: int, pace: float = 0.0) -> tuple[bytes, Transfer]:
+    """Read the tag and then the payload; with `pace`, read slowly."""
+    stream = await connect(port)
+    tag = b""
+    while len(tag) < tag_length:
+        tag += await stream.receive_some(tag_length - len(tag))
+    digest = hashlib.sha256()
+    count = 0
+    while data := await stream.receive_some(256 << 10):
+        digest.update(data)
+        count += len(data)
+        if pace:
+            await trio.sleep(pace)
+    await stream.send_eof()
+    await stream.aclose()
+    return tag, Transfer(count, digest.hexdigest())
+
+
+async def test_reload_under_load_loses_nothing_and_moves_new_connections(
+    relay_factory, tmp_path: Path
+):
+    size = 64 * MiB
+    transfers = 16
+    async with trio.open_nursery() as nursery:
+        old_port = await start_payload_server(nursery, 81, size, b"old")
+        new_port = await start_payload_server(nursery, 81, size, b"new")
+        listen_port = free_port()
+        relay = await relay_factory.astart(relay_config(listen_port, old_port))
+        results: list[tuple[bytes, Transfer]] = []
+
+        async def one() -> None:
+            results.append(await download(listen_port, 3, pace=0.004))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(transfers):
+                clients.start_soon(one)
+
+            def all_flowing() -> bool:
+                return relay.metrics().get("splicerelay_connections_active") == transfers
+
+            await trio.to_thread.run_sync(poll_until, all_flowing, 10, "16 transfers in flight")
+            relay.config_path.write_text(
+                relay.config_path.read_text().replace(
+                    f"127.0.0.1:{old_port}", f"127.0.0.1:{new_port}"
+                )
+            )
+            relay.process.send_signal(signal.SIGHUP)
+
+            def reloaded() -> bool:
+                return (
+                    relay.metrics().get("splicerelay_config_reloads_total", result="success") == 1
+                )
+
+            await trio.to_thread.run_sync(poll_until, reloaded, 10, "the reload")
+            assert relay.metrics().get("splicerelay_connections_active") == transfers
+            # New connections go to the new upstream while the old transfers go on.
+            tag, fresh = await download(listen_port, 3)
+            assert tag == b"new" and fresh == expected_transfer(81, size)
+
+            # A broken config on SIGHUP leaves the relay serving as it was.
+            relay.config_path.write_text("routes: [ this is not yaml\n")
+            relay.process.send_signal(signal.SIGHUP)
+
+            def failed() -> bool:
+                return (
+                    relay.metrics().get("splicerelay_config_reloads_total", result="failure") == 1
+                )
+
+            await trio.to_thread.run_sync(poll_until, failed, 10, "the failed reload")
+            tag, fresh = await download(listen_port, 3)
+            assert tag == b"new" and fresh == expected_transfer(81, size)
+        nursery.cancel_scope.cancel()
+
+    assert len(results) == transfers
+    expected = expected_transfer(81, size)
+    for tag, transfer in results:
+        assert tag == b"old"
+        assert transfer == expected
+    assert "reload failed: invalid config" in relay.stderr()
+
+
+async def test_sigterm_drains_transfers_refuses_new_clients_and_exits_0(relay_factory):
+    size = 32 * MiB
+    transfers = 4
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_payload_server(nursery, 91, size, b"go!")
+        listen_port = free_port()
+        relay = await relay_factory.astart(relay_config(listen_port, upstream_port))
+        results: list[tuple[bytes, Transfer]] = []
+
+        async def one() -> None:
+            results.append(await download(listen_port, 3, pace=0.01))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(transfers):
+                clients.start_soon(one)
+
+            def all_flowing() -> bool:
+                return relay.metrics().get("splicerelay_connections_active") == transfers
+
+            await trio.to_thread.run_sync(poll_until, all_flowing, 10, "transfers in flight")
+            relay.process.send_signal(signal.SIGTERM)
+
+            def refusing() -> bool:
+                return not can_connect(listen_port)
+
+            await trio.to_thread.run_sync(poll_until, refusing, 5, "new connections to be refused")
+            assert relay.process.poll() is None, "the relay must wait for the transfers"
+        code = await trio.to_thread.run_sync(lambda: relay.process.wait(timeout=30))
+        nursery.cancel_scope.cancel()
+    assert code == 0
+    assert len(results) == transfers
+    for tag, transfer in results:
+        assert tag == b"go!"
+        assert transfer == expected_transfer(91, size)
+
+
+PROMETHEUS_CONFIG = """\
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: splicerelay
+    static_configs:
+      - targets: ["127.0.0.1:{metrics_port}"]
+"""
+
+
+def prometheus_query(port: int, query: str) -> list[dict[str, object]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success"
+    return list(body["data"]["result"])
+
+
+async def test_prometheus_scrapes_the_bytes_moved(relay_factory, tmp_path: Path):
+    prometheus = require("prometheus", "prometheus")
+    size = 5 * MiB + 77
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_payload_server(nursery, 95, size, b"tag")
+        listen_port = free_port()
+        relay = await relay_factory.astart(relay_config(listen_port, upstream_port))
+        _tag, transfer = await download(listen_port, 3)
+        assert transfer == expected_transfer(95, size)
+        nursery.cancel_scope.cancel()
+
+    config = tmp_path / "prometheus.yml"
+    config.write_text(PROMETHEUS_CONFIG.format(metrics_port=relay.metrics_port))
+    port = free_port()
+    command = [
+        prometheus,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running(command, port, tmp_path / "prometheus.log"):
+        query = 'sum by (direction) (splicerelay_bytes_total{route="test",path="splice"})'
+
+        def scraped() -> bool:
+            try:
+                result = prometheus_query(port, query)
+            except OSError:
+                return False
+            values = {item["metric"]["direction"]: float(item["value"][1]) for item in result}  # type: ignore[index]
+            return values == {"upstream_to_client": size + 3, "client_to_upstream": 0.0}
+
+        await trio.to_thread.run_sync(
+            poll_until, scraped, 30, "Prometheus to scrape the bytes moved", 0.5
+        )
+        up = prometheus_query(port, 'up{job="splicerelay"}')
+        assert float(up[0]["value"][1]) == 1  # type: ignore[index]
+
+
+def test_readyz_and_healthz(relay_factory):
+    listen_port = free_port()
+    relay: Relay = relay_factory.start(relay_config(listen_port, free_port()))
+    for path, status in (("/healthz", 200), ("/readyz", 200), ("/nothing", 404)):
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{relay.metrics_port}{path}", timeout=5
+            ) as reply:
+                assert reply.status == status
+        except urllib.error.HTTPError as error:
+            assert error.code == status
+
+
+def test_readyz_is_503_while_every_upstream_is_down(relay_factory):
+    listen_port = free_port()
+    dead = free_port()
+    config = relay_config(
+        listen_port,
+        dead,
+        extra="    health_check: {interval: 100ms, timeout: 100ms, rise: 1, fall: 1}\n",
+    )
+    relay: Relay = relay_factory.start(config)
+
+    def not_ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}/readyz", timeout=5):
+                return False
+        except urllib.error.HTTPError as error:
+            return error.code == 503
+
+    poll_until(not_ready, 5, "/readyz to say 503")
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{relay.metrics_port}/healthz", timeout=5
+    ) as reply:
+        assert reply.status == 200
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_access_log_has_one_line_per_connection(relay_factory, log_format: str):
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_payload_server(nursery, 7, 1000, b"abc")
+        listen_port = free_port()
+        config = relay_config(listen_port, upstream_port).replace(
+            "format: json", f"format: {log_format}"
+        )
+        relay = await relay_factory.astart(config)
+        for _ in range(3):
+            await download(listen_port, 3)
+        nursery.cancel_scope.cancel()
+
+    def three_lines() -> bool:
+        return len(relay.stdout().splitlines()) == 3
+
+    await trio.to_thread.run_sync(poll_until, three_lines, 5, "three access log lines")
+    for line in relay.stdout().splitlines():
+        if log_format == "json":
+            record = json.loads(line)
+            assert record["message"] == "connection"
+        else:
+            timestamp, level, message, *pairs = line.split(" ")
+            assert (level, message) == ("info", "connection")
+            record = {key: value for key, _, value in (pair.partition("=") for pair in pairs)}
+            record["time"] = timestamp
+            record["bytes_in"], record["bytes_out"] = (
+                int(record["bytes_in"]),
+                int(record["bytes_out"]),
+            )
+            record["duration_seconds"] = float(record["duration_seconds"])
+        assert record["route"] == "test"
+        assert record["upstream"] == f"127.0.0.1:{upstream_port}"
+        assert record["client"].startswith("127.0.0.1:")
+        assert record["bytes_out"] == 1003
+        assert record["bytes_in"] == 0
+        assert record["outcome"] == "completed"
+        assert 0 <= record["duration_seconds"] < 10
+        assert record["time"].endswith("Z")
