@@ -171,6 +171,7 @@ class RelayFactory:
         prefix: list[str] | None = None,
         config_dir: Path | None = None,
         after_launch: Callable[[], None] | None = None,
+        extra_args: list[str] | None = None,
     ) -> Relay:
         """Run `splicerelay run -c` on `config_text` (`{metrics_port}` is filled in).
 
@@ -186,6 +187,7 @@ class RelayFactory:
         stdout_path = self.tmp_path / f"relay{index}.out"
         stderr_path = self.tmp_path / f"relay{index}.err"
         command = [sys.executable, "-m", "splicerelay", "run", "-c", str(config_path)]
+        command += extra_args or []
         with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
                 (prefix or []) + command,

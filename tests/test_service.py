@@ -398,3 +398,37 @@ async def test_access_log_has_one_line_per_connection(relay_factory, log_format:
         assert record["outcome"] == "completed"
         assert 0 <= record["duration_seconds"] < 10
         assert record["time"].endswith("Z")
+
+
+async def test_watch_reloads_when_a_configmap_style_symlink_flips(relay_factory, tmp_path: Path):
+    """Kubernetes updates a mounted ConfigMap by pointing the ..data symlink at a new dir."""
+    async with trio.open_nursery() as nursery:
+        first_port = await start_payload_server(nursery, 3, 10, b"one")
+        second_port = await start_payload_server(nursery, 3, 10, b"two")
+        listen_port = free_port()
+        mount = tmp_path / "mount"
+        mount.mkdir()
+        relay = await relay_factory.astart(
+            relay_config(listen_port, first_port), extra_args=["--watch"]
+        )
+        template = relay.config_path.read_text()
+        for version, port in (("v1", first_port), ("v2", second_port)):
+            (mount / version).mkdir()
+            (mount / version / "relay.yaml").write_text(
+                template.replace(f"127.0.0.1:{first_port}", f"127.0.0.1:{port}")
+            )
+        (mount / "..data").symlink_to("v1")
+        (mount / "relay.yaml").symlink_to("..data/relay.yaml")
+        # Point the running relay's file at the mount, the way a pod sees it.
+        relay.config_path.unlink()
+        relay.config_path.symlink_to(mount / "relay.yaml")
+        (mount / "..data_tmp").symlink_to("v2")
+        (mount / "..data_tmp").rename(mount / "..data")  # atomic, as the kubelet does
+
+        def reloaded() -> bool:
+            return relay.metrics().get("splicerelay_config_reloads_total", result="success") >= 1
+
+        await trio.to_thread.run_sync(poll_until, reloaded, 10, "the watch to reload")
+        tag, _ = await download(listen_port, 3)
+        assert tag == b"two"
+        nursery.cancel_scope.cancel()
