@@ -94,6 +94,7 @@ TUNABLE_KEYS = (
     "pipe_size",
     "max_connections",
     "max_connect_attempts",
+    "max_connections_per_source",
     "proxy_protocol_timeout",
     "resolve_interval",
 )
@@ -168,6 +169,8 @@ class Route:
     max_connect_attempts: int | None = None
     max_duration: float | None = None
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
+    # None: no limit on the connections one client address may hold open at once.
+    max_connections_per_source: int | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +377,7 @@ class _Tunables:
     max_connect_attempts: int | None = None
     proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
+    max_connections_per_source: int | None = None
 
 
 @dataclass(frozen=True)
@@ -743,6 +747,9 @@ class _Reader:
             ),
             "proxy_protocol_timeout": self.duration,
             "resolve_interval": self.duration,
+            "max_connections_per_source": lambda node, path: self.integer(
+                node, path, 1, MAX_CONNECTIONS_LIMIT, or_null=True
+            ),
         }
         changes: dict[str, Any] = {}
         for key, read in readers.items():
@@ -1141,6 +1148,7 @@ def _route_data(route: Route) -> dict[str, Any]:
         "max_connections": route.max_connections,
         "max_connect_attempts": route.max_connect_attempts,
         "resolve_interval": format_duration(route.resolve_interval),
+        "max_connections_per_source": route.max_connections_per_source,
         "allow": [str(network) for network in route.allow],
         "deny": [str(network) for network in route.deny],
     }

@@ -83,6 +83,8 @@ class RouteRuntime:
     strategy: Strategy
     stats: RouteStats
     slots: trio.Semaphore
+    # Open connections per client address, for max_connections_per_source.
+    per_source: dict[str, int] = field(default_factory=dict)
     # Cancels this runtime's accept loop and upstream tasks (on reload or shutdown);
     # its sessions live on in the relay's session nursery.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -228,6 +230,11 @@ class Relay:
         a route cannot start (a new port in use, a name that does not resolve)."""
         runtimes = await trio.to_thread.run_sync(prepare_routes, config, self.stats, self.listeners)
         old = self.runtimes
+        previous = {runtime.route.name: runtime for runtime in old}
+        for runtime in runtimes:
+            if runtime.route.name in previous:
+                # Connections from before the reload still count against their source.
+                runtime.per_source = previous[runtime.route.name].per_source
         for runtime in old:
             runtime.scope.cancel()
         self.listeners.close_except({runtime.route.listen for runtime in runtimes}, close_socket)
@@ -458,6 +465,31 @@ class Relay:
             and not is_allowed(source[0], route.allow, route.deny)
         ):
             return Outcome.DENIED
+        limit = route.max_connections_per_source
+        if limit is None or source is None:
+            return await self._connect_and_relay(runtime, session, source, destination)
+        counts = runtime.per_source
+        held = counts.get(source[0], 0)
+        if held >= limit:
+            return Outcome.SOURCE_LIMIT
+        counts[source[0]] = held + 1
+        try:
+            return await self._connect_and_relay(runtime, session, source, destination)
+        finally:
+            remaining = counts[source[0]] - 1
+            if remaining:
+                counts[source[0]] = remaining
+            else:
+                del counts[source[0]]
+
+    async def _connect_and_relay(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        source: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
+    ) -> Outcome:
+        route = runtime.route
         order = runtime.attempt_order(source[0] if source else None)
         if not order:
             return Outcome.NO_UPSTREAM

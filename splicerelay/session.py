@@ -33,6 +33,7 @@ class Outcome(StrEnum):
     NO_UPSTREAM = "no_upstream"  # every upstream is down
     BAD_PROXY_HEADER = "bad_proxy_header"  # accept_proxy_protocol, and no valid header came
     MAX_DURATION = "max_duration"  # open for longer than max_duration
+    SOURCE_LIMIT = "source_limit"  # the client address already holds its maximum
 
 
 @dataclass(frozen=True)

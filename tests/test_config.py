@@ -603,12 +603,12 @@ def test_yaml_integer_spellings() -> None:
 ROUTE_KEYS_LIST = (
     "name, listen, upstreams, balance, proxy_protocol, accept_proxy_protocol, allow, deny,"
     " health_check, connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
-    " max_connect_attempts, proxy_protocol_timeout, resolve_interval"
+    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval"
 )
 TOP_KEYS_LIST = "workers, shutdown_timeout, max_connections, metrics, log, defaults, routes"
 DEFAULTS_KEYS_LIST = (
     "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
-    " max_connect_attempts, proxy_protocol_timeout, resolve_interval"
+    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval"
 )
 HEALTH_CHECK_KEYS_LIST = "interval, timeout, rise, fall, send, expect"
 DURATION_HINT = "(e.g. 250ms, 5s, 1.5s, 1m, 1h)"
@@ -1294,6 +1294,7 @@ routes:
   max_connections: 10000
   max_connect_attempts: null
   resolve_interval: 30s
+  max_connections_per_source: null
   allow: []
   deny: []
 """
@@ -1316,6 +1317,7 @@ def test_render_writes_out_every_new_setting() -> None:
     max_connect_attempts: 2
     max_duration: 90m
     resolve_interval: 1m
+    max_connections_per_source: 20
 """
     )
     rendered = render_config(parse_config(text, FILE))
@@ -1345,6 +1347,7 @@ def test_render_writes_out_every_new_setting() -> None:
   max_connections: 10000
   max_connect_attempts: 2
   resolve_interval: 1m
+  max_connections_per_source: 20
   allow: []
   deny: []
 """

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from .harness import free_port, poll_until
-from .peers import connect, expected_transfer, receive_all, send_payload, start_server
+from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
 from .test_data_path import relay_config
 
 MiB = 1 << 20
@@ -347,3 +347,50 @@ def test_allow_and_deny_lists(client: str, allow: list[str], deny: list[str], al
         )
         is allowed
     )
+
+
+async def test_max_connections_per_source_limits_one_address_not_others(relay_factory):
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server(nursery, echo)
+        listen_port = free_port()
+        relay = await relay_factory.astart(
+            relay_config(listen_port, upstream_port, extra="    max_connections_per_source: 2\n")
+        )
+        held = [await connect(listen_port), await connect(listen_port)]
+        for stream in held:
+            await stream.send_all(b"x")
+            assert await stream.receive_some(1) == b"x"
+        # A third from the same address is turned away at once...
+        with trio.fail_after(5):
+            try:
+                third = await round_trip(listen_port, b"third")
+            except trio.BrokenResourceError:
+                third = b""
+        assert third == b""
+        # ...while another address on the loopback network is served.
+        other = trio.socket.socket()
+        await other.bind(("127.0.0.2", 0))
+        await other.connect(("127.0.0.1", listen_port))
+        stream = trio.SocketStream(other)
+        await stream.send_all(b"other")
+        await stream.send_eof()
+        assert await receive_all(stream) == expected_echo(b"other")
+        await stream.aclose()
+        # When one of the two closes, the address may connect again.
+        await held.pop().aclose()
+
+        def slot_free() -> bool:
+            return relay.metrics().get("splicerelay_connections_active") == 1
+
+        await trio.to_thread.run_sync(poll_until, slot_free, 5, "the slot to free")
+        assert await round_trip(listen_port, b"again") == b"again"
+        for stream in held:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert relay.metrics().get("splicerelay_connections_total", outcome="source_limit") == 1
+
+
+def expected_echo(data: bytes) -> Transfer:
+    import hashlib
+
+    return Transfer(len(data), hashlib.sha256(data).hexdigest())
