@@ -102,6 +102,20 @@ async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
     return sock
 
 
+async def _run_pump(
+    pump: Pump, source_is_client: bool, scope: trio.CancelScope, failure: list[Outcome]
+) -> None:
+    """Run one direction; a failing side is recorded and ends both directions."""
+    try:
+        await pump.run()
+    except ReadError:
+        failure.append(Outcome.CLIENT_RESET if source_is_client else Outcome.UPSTREAM_RESET)
+        scope.cancel()
+    except WriteError:
+        failure.append(Outcome.UPSTREAM_RESET if source_is_client else Outcome.CLIENT_RESET)
+        scope.cancel()
+
+
 class Session:
     """A relayed connection: its sockets, its activity, and the scope that can stop it.
 
@@ -190,20 +204,11 @@ class Session:
             use_splice,
         )
         failure: list[Outcome] = []
-
-        async def run_pump(pump: Pump, source_is_client: bool, scope: trio.CancelScope) -> None:
-            try:
-                await pump.run()
-            except ReadError:
-                failure.append(Outcome.CLIENT_RESET if source_is_client else Outcome.UPSTREAM_RESET)
-                scope.cancel()
-            except WriteError:
-                failure.append(Outcome.UPSTREAM_RESET if source_is_client else Outcome.CLIENT_RESET)
-                scope.cancel()
-
+        # Why one child task, not two: the current task pumps one direction itself.
+        # Every task costs memory for as long as the connection lives, idle or not.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_pump, outbound, True, nursery.cancel_scope)
-            nursery.start_soon(run_pump, inbound, False, nursery.cancel_scope)
+            nursery.start_soon(_run_pump, inbound, False, nursery.cancel_scope, failure)
+            await _run_pump(outbound, True, nursery.cancel_scope, failure)
         if failure:
             return failure[0]
         return Outcome.COMPLETED
