@@ -439,7 +439,7 @@ class Relay:
         route = runtime.route
         client = session.client
         prepare_accepted(client)
-        destination = endpoint_of(client.family, client.getsockname())
+        destination: tuple[str, int] | None = None
         if route.accept_proxy_protocol:
             try:
                 header = await receive_proxy_header(client, route.proxy_protocol_timeout)
@@ -497,6 +497,9 @@ class Relay:
         if upstream is None:
             return Outcome.CONNECT_FAILED
         if route.proxy_protocol != "none":
+            if destination is None:
+                # Asked only now: most routes never need the address clients reached.
+                destination = endpoint_of(session.client.family, session.client.getsockname())
             try:
                 await send_all(
                     upstream, build_proxy_header(route.proxy_protocol, source, destination)
