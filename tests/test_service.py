@@ -71,6 +71,7 @@ def test_notify_ready_reloading_stopping_and_watchdog(relay_factory, tmp_path: P
         )
         ready = notify.next_with("READY")
         assert ready["READY"] == "1"
+        assert ready["STATUS"] == "0 connections"
         # READY=1 is only sent once the port accepts.
         assert can_connect(listen_port)
         assert notify.next_with("WATCHDOG", timeout=2)["WATCHDOG"] == "1"
