@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +42,27 @@ ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # accept() errors that concern only the one connection being accepted.
 ACCEPT_CONNECTION_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 ACCEPT_BACKOFF_SECONDS = 0.1
+ACCEPT_BATCH = 16  # accepts in a row before the accept loop lets other tasks run
+
+# fds kept free for pipes, health checks, scrapes and reloads when accepting.
+FD_RESERVE = 32
+FD_WAIT_SECONDS = 0.05
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def open_file_limit() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def count_open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 16
+
+
 AccessLogger = Callable[["RouteRuntime", Session, Outcome], None]
 
 
@@ -170,7 +191,10 @@ class Relay:
         self._session_nursery: trio.Nursery | None = None
         self._route_nursery: trio.Nursery | None = None
         self._resource_warning_logged = False
+        self._fd_warning_logged = False
         self._global_slots = self._global_limit(config)
+        self._fd_limit = open_file_limit()
+        self._base_fds = count_open_fds()
 
     @staticmethod
     def _global_limit(config: Config) -> trio.Semaphore | None:
@@ -307,17 +331,55 @@ class Relay:
         listener = runtime.listener
         assert self._session_nursery is not None
         start_session = self._session_nursery.start_soon
+        accepted = 0
         while True:
             # Why take a slot before accept(): at max_connections we stop taking
             # connections off the kernel's queue, so new clients wait in the backlog (as
             # with HAProxy) instead of being accepted and dropped.
             await self._acquire_timed(runtime.slots, runtime.stats, is_global=False)
             try:
+                await self._wait_for_fd_headroom()
                 client, peer, global_slot = await self._accept_with_global_slot(runtime, listener)
             except BaseException:
                 runtime.slots.release()
                 raise
-            start_session(self._handle, runtime, client, peer, global_slot)
+            # Registered now, not when its task first runs: a burst of accepts must see
+            # the sessions it has already taken (for the fd estimate and for drain).
+            endpoint = endpoint_of(client.family, peer)
+            session = Session(client, format_endpoint(endpoint))
+            self._sessions[session] = runtime
+            runtime.stats.active += 1
+            start_session(self._handle, runtime, session, endpoint, global_slot)
+            accepted += 1
+            if accepted % ACCEPT_BATCH == 0:
+                await trio.lowlevel.checkpoint()  # let the new sessions run during a storm
+
+    def _fds_in_use(self) -> int:
+        """An estimate of this process's open fds, without a syscall per accept."""
+        pipes = self.stats.pipes
+        return self._base_fds + 2 * len(self._sessions) + 2 * (pipes.in_use + pipes.idle)
+
+    async def _wait_for_fd_headroom(self) -> None:
+        """Accept only while a new connection can get its upstream socket and pipes.
+
+        Why: accepting up to EMFILE would leave the sessions just accepted without an
+        fd for their upstream, so clients would be taken off the backlog only to be
+        reset. Below the limit minus a reserve, clients wait in the backlog instead,
+        as at max_connections, and running transfers keep the fds they need.
+        """
+        if self._fds_in_use() + FD_RESERVE <= self._fd_limit:
+            return
+        self.pool.close()  # idle pipes are the cheapest fds to give back
+        if not self._fd_warning_logged:
+            self._fd_warning_logged = True
+            log.warning(
+                "near the open-file limit: pausing accepts",
+                extra={"fields": {"limit": self._fd_limit, "in_use": self._fds_in_use()}},
+            )
+        while self._fds_in_use() + FD_RESERVE > self._fd_limit:
+            await trio.sleep(FD_WAIT_SECONDS)
+        self._fd_warning_logged = False
+        log.info("accepting again", extra={"fields": {"in_use": self._fds_in_use()}})
 
     async def _accept_with_global_slot(
         self, runtime: RouteRuntime, listener: socket.socket
@@ -395,15 +457,11 @@ class Relay:
     async def _handle(
         self,
         runtime: RouteRuntime,
-        client: socket.socket,
-        peer: object,
+        session: Session,
+        endpoint: tuple[str, int] | None,
         global_slot: trio.Semaphore | None,
     ) -> None:
         """Run one connection; the slots it holds are released on every path."""
-        endpoint = endpoint_of(client.family, peer)
-        session = Session(client, format_endpoint(endpoint))
-        self._sessions[session] = runtime
-        runtime.stats.active += 1
         outcome: Outcome | None = None
         try:
             with session.cancel_scope:

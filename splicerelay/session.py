@@ -80,7 +80,13 @@ def prepare_accepted(sock: socket.socket) -> None:
 
 async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
     """Open a non-blocking stream socket to `target` within `timeout` seconds."""
-    sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as error:
+        # EMFILE/ENFILE: out of fds; a failed connect, not a crash of the session.
+        raise ConnectError(
+            "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
+        ) from None
     try:
         _tune_stream_socket(sock)
         try:

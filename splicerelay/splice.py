@@ -42,6 +42,7 @@ SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 YIELD_EVERY_BYTES = 8 << 20
 
 COPY_BUFFER_SIZE = 64 << 10
+PIPE_RETRY_SECONDS = 0.05
 
 
 def close_fd(fd: int) -> None:
@@ -150,6 +151,41 @@ class PipePool:
         self._idle_count = 0
 
 
+TCP_CLOSE = 7  # include/net/tcp_states.h
+
+
+def was_reset(sock: socket.socket) -> bool:
+    """Is a read of 0 from `sock` a reset rather than the peer's FIN?
+
+    Why: a reset socket reports its error once. When the other pump's call took it
+    first, this read sees only "no more data", exactly like EOF. The TCP state tells
+    them apart: after a FIN the socket is in CLOSE_WAIT (or TIME_WAIT), after a reset
+    in CLOSE. Passing a reset on as a FIN would make a truncated stream look complete.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return False
+    return info[0] == TCP_CLOSE
+
+
+async def acquire_pipe(pool: PipePool, size: int) -> Pipe:
+    """A pipe from the pool; when the process is out of fds, wait for one to free up.
+
+    Why wait rather than fail: running out of fds is a passing state (connections end,
+    idle pipes close), and the bytes of this connection are safe in the socket meanwhile.
+    """
+    while True:
+        try:
+            return pool.acquire(size)
+        except OSError as error:
+            if error.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+        await trio.sleep(PIPE_RETRY_SECONDS)
+
+
 class ReadError(Exception):
     """The source socket failed (its peer reset, for instance)."""
 
@@ -199,6 +235,9 @@ class Pump:
             await self._splice_until_eof()
         if not self.use_splice:
             await self._copy_until_eof()
+        # Why a checkpoint before the FIN: if the other direction failed meanwhile, the
+        # session is cancelled here, and a reset is passed on rather than a FIN.
+        await trio.lowlevel.checkpoint()
         try:
             self._dst.shutdown(socket.SHUT_WR)
         except OSError as error:
@@ -223,7 +262,7 @@ class Pump:
                     # Why wait before borrowing: an idle connection must hold no pipe.
                     await trio.lowlevel.wait_readable(src_fd)
                     since_yield = 0
-                    pipe = pool.acquire(size)
+                    pipe = await acquire_pipe(pool, size)
                 try:
                     held = splice(src_fd, pipe.write_fd, pipe.capacity, flags=SPLICE_FLAGS)
                 except BlockingIOError:
@@ -237,6 +276,8 @@ class Pump:
                         return
                     raise ReadError(error) from None
                 if held == 0:
+                    if was_reset(self._src):
+                        raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
                     return  # EOF, and the pipe is empty: safe to half-close
                 first = False
                 while held:
@@ -276,6 +317,8 @@ class Pump:
             except OSError as error:
                 raise ReadError(error) from None
             if received == 0:
+                if was_reset(src):
+                    raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
                 return
             sent = 0
             while sent < received:
