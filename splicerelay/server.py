@@ -47,6 +47,7 @@ ACCEPT_BATCH = 16  # accepts in a row before the accept loop lets other tasks ru
 # fds kept free for pipes, health checks, scrapes and reloads when accepting.
 FD_RESERVE = 32
 FD_WAIT_SECONDS = 0.05
+FD_WARNING_INTERVAL = 10.0  # seconds between "pausing accepts" warnings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -191,7 +192,8 @@ class Relay:
         self._session_nursery: trio.Nursery | None = None
         self._route_nursery: trio.Nursery | None = None
         self._resource_warning_logged = False
-        self._fd_warning_logged = False
+        self._fd_warned_at = -FD_WARNING_INTERVAL
+        self._fd_pauses = 0
         self._global_slots = self._global_limit(config)
         self._fd_limit = open_file_limit()
         self._base_fds = count_open_fds()
@@ -370,16 +372,25 @@ class Relay:
         if self._fds_in_use() + FD_RESERVE <= self._fd_limit:
             return
         self.pool.close()  # idle pipes are the cheapest fds to give back
-        if not self._fd_warning_logged:
-            self._fd_warning_logged = True
+        now = trio.current_time()
+        self._fd_pauses += 1
+        if now - self._fd_warned_at >= FD_WARNING_INTERVAL:
+            # Why rate-limited: under a storm accepting pauses and resumes many times
+            # a second; one line per burst says as much as a thousand.
+            self._fd_warned_at = now
             log.warning(
                 "near the open-file limit: pausing accepts",
-                extra={"fields": {"limit": self._fd_limit, "in_use": self._fds_in_use()}},
+                extra={
+                    "fields": {
+                        "limit": self._fd_limit,
+                        "in_use": self._fds_in_use(),
+                        "pauses": self._fd_pauses,
+                    }
+                },
             )
-        while self._fds_in_use() + FD_RESERVE > self._fd_limit:
+        # Resume with room to spare, so that accepting does not flap at the edge.
+        while self._fds_in_use() + 2 * FD_RESERVE > self._fd_limit:
             await trio.sleep(FD_WAIT_SECONDS)
-        self._fd_warning_logged = False
-        log.info("accepting again", extra={"fields": {"in_use": self._fds_in_use()}})
 
     async def _accept_with_global_slot(
         self, runtime: RouteRuntime, listener: socket.socket

@@ -209,6 +209,7 @@ class Session:
             self.note_upstream_to_client,
             use_splice,
         )
+        outbound.reverse, inbound.reverse = inbound, outbound
         failure: list[Outcome] = []
         # Why one child task, not two: the current task pumps one direction itself.
         # Every task costs memory for as long as the connection lives, idle or not.

@@ -159,8 +159,9 @@ def was_reset(sock: socket.socket) -> bool:
 
     Why: a reset socket reports its error once. When the other pump's call took it
     first, this read sees only "no more data", exactly like EOF. The TCP state tells
-    them apart: after a FIN the socket is in CLOSE_WAIT (or TIME_WAIT), after a reset
-    in CLOSE. Passing a reset on as a FIN would make a truncated stream look complete.
+    them apart while we have not sent our own FIN: after the peer's FIN the socket is
+    in CLOSE_WAIT, after a reset in CLOSE. Passing a reset on as a FIN would make a
+    truncated stream look complete.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
@@ -210,7 +211,17 @@ class Pump:
     byte count of each chunk delivered, so the session can notice activity cheaply.
     """
 
-    __slots__ = ("_counter", "_dst", "_on_progress", "_pipe_size", "_pool", "_src", "use_splice")
+    __slots__ = (
+        "_counter",
+        "_dst",
+        "_on_progress",
+        "_pipe_size",
+        "_pool",
+        "_src",
+        "finished",
+        "reverse",
+        "use_splice",
+    )
 
     def __init__(
         self,
@@ -229,6 +240,18 @@ class Pump:
         self._counter = counter
         self._on_progress = on_progress
         self.use_splice = use_splice
+        self.finished = False  # the destination's write side is shut down
+        self.reverse: Pump | None = None  # the other direction of the same connection
+
+    def _reset_not_eof(self) -> bool:
+        """Was the read of 0 from the source a reset? (see was_reset)
+
+        Only while our own FIN has not gone to the source: once the reverse pump has
+        shut the source's write side, a clean close also leaves the socket in CLOSE
+        (the kernel hands the connection to a TIME_WAIT socket).
+        """
+        reverse = self.reverse
+        return not (reverse is not None and reverse.finished) and was_reset(self._src)
 
     async def run(self) -> None:
         if self.use_splice:
@@ -243,6 +266,7 @@ class Pump:
         except OSError as error:
             # ENOTCONN: the destination is already gone; that is its failure, not ours.
             raise WriteError(error) from None
+        self.finished = True
 
     async def _splice_until_eof(self) -> None:
         src_fd = self._src.fileno()
@@ -276,7 +300,7 @@ class Pump:
                         return
                     raise ReadError(error) from None
                 if held == 0:
-                    if was_reset(self._src):
+                    if self._reset_not_eof():
                         raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
                     return  # EOF, and the pipe is empty: safe to half-close
                 first = False
@@ -317,7 +341,7 @@ class Pump:
             except OSError as error:
                 raise ReadError(error) from None
             if received == 0:
-                if was_reset(src):
+                if self._reset_not_eof():
                     raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
                 return
             sent = 0
