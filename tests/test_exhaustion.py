@@ -294,9 +294,10 @@ async def test_5000_idle_connections_hold_about_two_fds_each(relay_factory):
     strict=True,
     reason=(
         "relay RSS per idle connection is about 12.1-12.4 KiB (measured over 5,000 idle "
-        "connections in 5 runs), over the 8 KiB bound: each idle connection keeps three trio "
-        "tasks (the session and two pumps parked in wait_readable), their coroutine frames, "
-        "cancel scopes and epoll registrations"
+        "connections in 5 runs), over the 8 KiB bound: each idle connection keeps two trio "
+        "tasks (the session, which pumps one direction itself, and a pump for the other, "
+        "both parked in wait_readable), their coroutine frames, cancel scopes and epoll "
+        "registrations"
     ),
 )
 async def test_5000_idle_connections_cost_at_most_8_kib_of_rss_each(relay_factory):
