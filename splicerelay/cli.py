@@ -207,6 +207,8 @@ class Reloader:
             reloads = self.relay.stats.config_reloads
             try:
                 config = await trio.to_thread.run_sync(load_config, self.path)
+                if config.metrics != self.relay.config.metrics:
+                    log.warning("metrics.listen changed: it takes effect at the next restart")
                 await self.relay.reload(config)
             except ConfigError as error:
                 reloads["failure"] += 1
