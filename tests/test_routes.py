@@ -4,6 +4,7 @@ pipe size, and listeners on IPv6 and unix sockets. All on real loopback sockets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -394,3 +395,21 @@ def expected_echo(data: bytes) -> Transfer:
     import hashlib
 
     return Transfer(len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_upstream_is_spliced(relay_factory):
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="::1"))
+        upstream_port = listeners[0].socket.getsockname()[1]
+        listen_port = free_port()
+        config = relay_config(listen_port, upstream_port).replace(
+            f"address: 127.0.0.1:{upstream_port}", f"address: '[::1]:{upstream_port}'"
+        )
+        relay = await relay_factory.astart(config)
+        payload = b"to a v6 upstream " * 4096
+        assert await round_trip(listen_port, payload) == payload
+        nursery.cancel_scope.cancel()
+    metrics = relay.metrics()
+    assert metrics.get("splicerelay_bytes_total", path="splice") == 2 * len(payload)
+    assert metrics.get("splicerelay_upstream_up", upstream=f"[::1]:{upstream_port}") == 1
