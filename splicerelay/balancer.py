@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 __all__ = [
@@ -157,18 +157,10 @@ class SmoothRoundRobin:
         it resumes where it stood instead of receiving a burst to "catch up".
         """
         scores = self._scores
-        if up is None:
-            best = 0
-            for index, weight in enumerate(self._weights):
-                scores[index] += weight
-                if scores[index] > scores[best]:
-                    best = index
-            scores[best] -= self._total
-            return best
         best = -1
         total = 0
         for index, weight in enumerate(self._weights):
-            if not up[index]:
+            if up is not None and not up[index]:
                 continue
             scores[index] += weight
             total += weight
@@ -178,17 +170,6 @@ class SmoothRoundRobin:
             raise ValueError("no upstream is up")
         scores[best] -= total
         return best
-
-    def attempt_order(self) -> Iterator[int]:
-        """The pick for a new connection, then every other upstream once, for failover.
-
-        Failover walks the list from the pick onwards, so that one refused upstream
-        does not send its share of connections all to the same neighbour twice over.
-        """
-        first = self.pick()
-        count = len(self._weights)
-        for offset in range(count):
-            yield (first + offset) % count
 
 
 class RoundRobin:

@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import socket
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -486,14 +485,16 @@ class Relay:
         finally:
             if outcome is None:
                 outcome = Outcome.SHUTDOWN
-            session.close(outcome)
+            # Counted before the sockets close: whoever sees the connection end can
+            # already see how it ended on /metrics.
             if session.upstream_stats is not None:
                 session.upstream_stats.active -= 1
-            del self._sessions[session]
             stats = runtime.stats
             stats.active -= 1
             stats.outcomes[outcome.value] += 1
-            stats.duration_seconds.observe(time.monotonic() - session.started)
+            stats.duration_seconds.observe(trio.current_time() - session.started)
+            session.close(outcome)
+            del self._sessions[session]
             runtime.slots.release()
             if global_slot is not None:
                 global_slot.release()
@@ -640,7 +641,7 @@ class Relay:
             now = trio.current_time()
             for session, runtime in list(self._sessions.items()):
                 max_duration = runtime.route.max_duration
-                if max_duration and now - session.started_clock >= max_duration:
+                if max_duration and now - session.started >= max_duration:
                     session.stop(Outcome.MAX_DURATION)
                 elif session.activity != session.seen_activity:
                     session.seen_activity = session.activity
@@ -657,6 +658,6 @@ def session_record(runtime: RouteRuntime, session: Session, outcome: Outcome) ->
         "upstream": session.upstream_label or None,
         "bytes_in": session.bytes_in,
         "bytes_out": session.bytes_out,
-        "duration_seconds": round(time.monotonic() - session.started, 6),
+        "duration_seconds": round(trio.current_time() - session.started, 6),
         "outcome": outcome.value,
     }

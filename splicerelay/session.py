@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -139,7 +138,6 @@ class Session:
         "idle_since",
         "seen_activity",
         "started",
-        "started_clock",
         "upstream",
         "upstream_label",
         "upstream_stats",
@@ -151,8 +149,7 @@ class Session:
         self.upstream: socket.socket | None = None
         self.upstream_label = ""
         self.upstream_stats: UpstreamStats | None = None
-        self.started = time.monotonic()
-        self.started_clock = trio.current_time()
+        self.started = trio.current_time()  # trio's clock, like the idle sweep's
         # Bytes delivered client -> upstream (in) and back (out). The idle sweeper
         # compares their sum between sweeps, so noticing activity costs an integer add
         # per chunk rather than a timer per I/O call.

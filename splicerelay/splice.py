@@ -304,6 +304,7 @@ class Pump:
                         raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
                     return  # EOF, and the pipe is empty: safe to half-close
                 first = False
+                since_yield += held
                 while held:
                     try:
                         moved = splice(pipe.read_fd, dst_fd, held, flags=SPLICE_FLAGS)
@@ -316,7 +317,6 @@ class Pump:
                     held -= moved
                     counter.splice += moved
                     on_progress(moved)
-                since_yield += pipe.capacity
                 if since_yield >= YIELD_EVERY_BYTES:
                     since_yield = 0
                     await trio.lowlevel.checkpoint()

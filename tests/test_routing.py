@@ -244,12 +244,18 @@ async def test_least_connections_sends_new_clients_to_the_idle_upstream(relay_fa
         busier = max(ports, key=lambda port: counts[port])
         quieter = min(ports, key=lambda port: counts[port])
         assert counts[busier] == 2 and counts[quieter] == 1
-        # The next two go to the quieter one until the loads are even again.
+        # The relay's own count of open connections per upstream agrees.
+        metrics = await trio.to_thread.run_sync(relay.metrics)
+        for port, expected in ((busier, 2), (quieter, 1)):
+            active = metrics.get(
+                "splicerelay_upstream_connections_active", upstream=f"127.0.0.1:{port}"
+            )
+            assert active == expected
+        # The next one goes to the quieter upstream.
         assert await which_backend(listen_port) == quieter
         for stream in held:
             await stream.aclose()
         nursery.cancel_scope.cancel()
-    assert relay.metrics().get("splicerelay_upstream_connections_active") >= 0
 
 
 async def test_source_hash_keeps_each_client_on_one_upstream(relay_factory):
