@@ -1,8 +1,8 @@
-"""What happens on a connection before the pumps start: PROXY protocol headers.
+"""What happens on a connection before the flows start: PROXY protocol headers.
 
 A client behind another proxy may start with a PROXY header that names the real client;
 an upstream may want one from us. Both are a few dozen bytes, read and written in user
-space; everything after the header is left in the kernel for the pumps to splice.
+space; everything after the header is left in the kernel for the flows to splice.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from .balancer import Strategy, make_strategy
 from .config import Config, Route
 from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header, send_all
 from .listeners import ListenError, ListenerSet
+from .reactor import Reactor
 from .session import ConnectError, Outcome, Session, connect, prepare_accepted
 from .splice import PipePool, close_socket
 from .stats import RelayStats, RouteStats
@@ -183,6 +184,7 @@ class Relay:
         self.listeners = listeners
         self.use_splice = use_splice
         self.pool = PipePool(stats.pipes)
+        self.reactor = Reactor()
         self.serving = False
         self._access = access
         self._stop_requested = trio.Event()
@@ -218,6 +220,7 @@ class Relay:
         try:
             async with trio.open_nursery() as sessions:
                 self._session_nursery = sessions
+                sessions.start_soon(self.reactor.run)
                 sessions.start_soon(self._sweep_idle)
                 async with trio.open_nursery() as routes:
                     self._route_nursery = routes
@@ -471,41 +474,58 @@ class Relay:
         endpoint: tuple[str, int] | None,
         global_slot: trio.Semaphore | None,
     ) -> None:
-        """Run one connection; the slots it holds are released on every path."""
+        """Set one connection up; once established, the reactor carries it on alone."""
+        session.owner = runtime
+        session.global_slot = global_slot
         outcome: Outcome | None = None
         try:
+            assert session.cancel_scope is not None
             with session.cancel_scope:
                 outcome = await self._run_session(runtime, session, endpoint)
-            if outcome is None:
+            if outcome is None and not session.adopted:
                 outcome = session.closing_outcome or Outcome.SHUTDOWN
         except Exception:
             # A bug, not a peer's doing: log it loudly but keep serving everyone else.
             log.exception("session failed unexpectedly")
             outcome = Outcome.UPSTREAM_RESET
         finally:
-            if outcome is None:
-                outcome = Outcome.SHUTDOWN
-            # Counted before the sockets close: whoever sees the connection end can
-            # already see how it ended on /metrics.
-            if session.upstream_stats is not None:
-                session.upstream_stats.active -= 1
-            stats = runtime.stats
-            stats.active -= 1
-            stats.outcomes[outcome.value] += 1
-            stats.duration_seconds.observe(trio.current_time() - session.started)
-            session.close(outcome)
-            del self._sessions[session]
-            runtime.slots.release()
-            if global_slot is not None:
-                global_slot.release()
-            if not self._sessions:
-                self._all_done.set()
-            if self._access is not None:
-                self._access(runtime, session, outcome)
+            if not session.adopted:
+                self._finish(session, outcome or Outcome.SHUTDOWN)
+
+    def _finish(self, session: Session, outcome: Outcome) -> None:
+        """Count, close and forget a connection; called exactly once for each."""
+        runtime = session.owner
+        assert isinstance(runtime, RouteRuntime)
+        # Counted before the sockets close: whoever sees the connection end can
+        # already see how it ended on /metrics.
+        if session.upstream_stats is not None:
+            session.upstream_stats.active -= 1
+        stats = runtime.stats
+        stats.active -= 1
+        stats.outcomes[outcome.value] += 1
+        stats.duration_seconds.observe(trio.current_time() - session.started)
+        session.close(outcome)
+        del self._sessions[session]
+        source_key = session.source_key
+        if source_key is not None:
+            counts = runtime.per_source
+            remaining = counts[source_key] - 1
+            if remaining:
+                counts[source_key] = remaining
+            else:
+                del counts[source_key]
+        runtime.slots.release()
+        if session.global_slot is not None:
+            session.global_slot.release()
+        if not self._sessions:
+            self._all_done.set()
+        if self._access is not None:
+            self._access(runtime, session, outcome)
 
     async def _run_session(
         self, runtime: RouteRuntime, session: Session, source: tuple[str, int] | None
-    ) -> Outcome:
+    ) -> Outcome | None:
+        """Set the connection up; None once the reactor has it."""
         route = runtime.route
         client = session.client
         prepare_accepted(client)
@@ -536,21 +556,14 @@ class Relay:
         ):
             return Outcome.DENIED
         limit = route.max_connections_per_source
-        if limit is None or source is None:
-            return await self._connect_and_relay(runtime, session, source, destination)
-        counts = runtime.per_source
-        held = counts.get(source[0], 0)
-        if held >= limit:
-            return Outcome.SOURCE_LIMIT
-        counts[source[0]] = held + 1
-        try:
-            return await self._connect_and_relay(runtime, session, source, destination)
-        finally:
-            remaining = counts[source[0]] - 1
-            if remaining:
-                counts[source[0]] = remaining
-            else:
-                del counts[source[0]]
+        if limit is not None and source is not None:
+            counts = runtime.per_source
+            held = counts.get(source[0], 0)
+            if held >= limit:
+                return Outcome.SOURCE_LIMIT
+            counts[source[0]] = held + 1
+            session.source_key = source[0]  # given back in _finish
+        return await self._connect_and_relay(runtime, session, source, destination)
 
     async def _connect_and_relay(
         self,
@@ -558,7 +571,7 @@ class Relay:
         session: Session,
         source: tuple[str, int] | None,
         destination: tuple[str, int] | None,
-    ) -> Outcome:
+    ) -> Outcome | None:
         route = runtime.route
         order = runtime.attempt_order(source[0] if source else None)
         if not order:
@@ -577,9 +590,16 @@ class Relay:
             except OSError:
                 close_socket(upstream)
                 return Outcome.UPSTREAM_RESET
-        return await session.relay(
-            upstream, self.pool, route.pipe_size, runtime.stats, self.use_splice
+        session.adopt(
+            upstream,
+            self.reactor,
+            self.pool,
+            route.pipe_size,
+            runtime.stats,
+            self.use_splice,
+            self._finish,
         )
+        return None
 
     async def _connect_upstream(
         self, runtime: RouteRuntime, session: Session, order: list[int]

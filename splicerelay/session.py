@@ -1,21 +1,35 @@
-"""One client <-> upstream pair: connect, two pumps, half-close, and the outcome.
+"""One client <-> upstream pair: connect, two flows, half-close, and the outcome.
 
-Like inet.af/tcpproxy, a session runs two one-direction pumps. Each one half-closes its
+Like inet.af/tcpproxy, a session has two one-direction flows. Each one half-closes its
 destination when its source reaches EOF; the session ends when both have ended. If
-either side fails, both pumps are cancelled and the failure becomes the session's
-outcome, which is counted: a broken peer is a fact of life, never a traceback.
+either side fails, the session ends at once and the failure becomes its outcome, which
+is counted: a broken peer is a fact of life, never a traceback.
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import trio
 
-from .splice import PipePool, Pump, ReadError, WriteError, abort_socket, close_socket
+from .reactor import Reactor
+from .splice import (
+    DONE,
+    WANT_PIPE,
+    WANT_READ,
+    WANT_WRITE,
+    Flow,
+    PipePool,
+    ReadError,
+    WriteError,
+    abort_socket,
+    close_socket,
+)
 from .stats import RouteStats, UpstreamStats
 
 
@@ -107,38 +121,42 @@ async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
     return sock
 
 
-async def _run_pump(
-    pump: Pump, source_is_client: bool, scope: trio.CancelScope, failure: list[Outcome]
-) -> None:
-    """Run one direction; a failing side is recorded and ends both directions."""
-    try:
-        await pump.run()
-    except ReadError:
-        failure.append(Outcome.CLIENT_RESET if source_is_client else Outcome.UPSTREAM_RESET)
-        scope.cancel()
-    except WriteError:
-        failure.append(Outcome.UPSTREAM_RESET if source_is_client else Outcome.CLIENT_RESET)
-        scope.cancel()
+_WANTS_READ = select.EPOLLIN
+_WANTS_WRITE = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+FinishCallback = Callable[["Session", Outcome], None]
 
 
 class Session:
-    """A relayed connection: its sockets, its activity, and the scope that can stop it.
+    """A relayed connection: its sockets, its two flows, and how it is stopped.
 
-    The server enters `cancel_scope` around the whole life of the session (connect and
-    relay), so that `stop()` ends it wherever it is, and calls `close()` on every path.
+    A session lives in two phases. While it connects (and reads a PROXY header, and
+    sends one) it runs in a trio task that the server enters `cancel_scope` for, so
+    `stop()` ends it wherever it is. Once established it is `adopt`ed by the reactor
+    and has no task at all: readiness of its sockets calls `on_ready`, and when it ends
+    `on_finish` is called exactly once with the outcome.
     """
 
     __slots__ = (
-        "bytes_in",
-        "bytes_out",
         "cancel_scope",
         "client",
         "client_address",
+        "client_interest",
         "closing_outcome",
+        "global_slot",
         "idle_since",
+        "inbound",
+        "on_finish",
+        "outbound",
+        "owner",
+        "reactor",
         "seen_activity",
+        "source_key",
         "started",
         "upstream",
+        "upstream_interest",
         "upstream_label",
         "upstream_stats",
     )
@@ -150,72 +168,152 @@ class Session:
         self.upstream_label = ""
         self.upstream_stats: UpstreamStats | None = None
         self.started = trio.current_time()  # trio's clock, like the idle sweep's
-        # Bytes delivered client -> upstream (in) and back (out). The idle sweeper
-        # compares their sum between sweeps, so noticing activity costs an integer add
-        # per chunk rather than a timer per I/O call.
-        self.bytes_in = 0
-        self.bytes_out = 0
+        # The idle sweeper compares the bytes moved between sweeps, so noticing activity
+        # costs an integer add per chunk rather than a timer per I/O call.
         self.seen_activity = 0
-        self.idle_since = trio.current_time()
-        self.cancel_scope = trio.CancelScope()
+        self.idle_since = self.started
+        self.cancel_scope: trio.CancelScope | None = trio.CancelScope()
         # Set by whoever cancels the session from outside (idle sweeper, shutdown).
         self.closing_outcome: Outcome | None = None
+        # What the server needs back when the session ends (slots, per-source count).
+        self.owner: object = None
+        self.global_slot: trio.Semaphore | None = None
+        self.source_key: str | None = None
+        self.outbound: Flow | None = None  # client -> upstream
+        self.inbound: Flow | None = None  # upstream -> client
+        self.reactor: Reactor | None = None
+        self.on_finish: FinishCallback | None = None
+        self.client_interest = 0
+        self.upstream_interest = 0
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes delivered client -> upstream."""
+        return self.outbound.moved if self.outbound is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes delivered upstream -> client."""
+        return self.inbound.moved if self.inbound is not None else 0
 
     @property
     def activity(self) -> int:
         return self.bytes_in + self.bytes_out
 
-    def note_client_to_upstream(self, count: int) -> None:
-        self.bytes_in += count
-
-    def note_upstream_to_client(self, count: int) -> None:
-        self.bytes_out += count
+    @property
+    def adopted(self) -> bool:
+        return self.reactor is not None
 
     def stop(self, outcome: Outcome) -> None:
-        """Cancel the session from outside, with the outcome to record."""
+        """End the session from outside, with the outcome to record."""
         if self.closing_outcome is None:
             self.closing_outcome = outcome
-        self.cancel_scope.cancel()
+        if self.reactor is not None:
+            self._end(outcome)
+        elif self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
-    async def relay(
+    # ----- the established phase, driven by the reactor ------------------------------
+
+    def adopt(
         self,
         upstream: socket.socket,
+        reactor: Reactor,
         pool: PipePool,
         pipe_size: int,
         stats: RouteStats,
         use_splice: bool,
-    ) -> Outcome:
-        """Run both pumps until both directions end or one side fails."""
+        on_finish: FinishCallback,
+    ) -> None:
+        """Hand the established connection to `reactor`; its task may then return."""
         self.upstream = upstream
+        self.cancel_scope = None  # no task to cancel from here on
         client = self.client
-        outbound = Pump(
-            client,
-            upstream,
-            pool,
-            pipe_size,
-            stats.client_to_upstream,
-            self.note_client_to_upstream,
-            use_splice,
-        )
-        inbound = Pump(
-            upstream,
-            client,
-            pool,
-            pipe_size,
-            stats.upstream_to_client,
-            self.note_upstream_to_client,
-            use_splice,
-        )
+        outbound = Flow(client, upstream, pool, pipe_size, stats.client_to_upstream, use_splice)
+        inbound = Flow(upstream, client, pool, pipe_size, stats.upstream_to_client, use_splice)
         outbound.reverse, inbound.reverse = inbound, outbound
-        failure: list[Outcome] = []
-        # Why one child task, not two: the current task pumps one direction itself.
-        # Every task costs memory for as long as the connection lives, idle or not.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_pump, inbound, False, nursery.cancel_scope, failure)
-            await _run_pump(outbound, True, nursery.cancel_scope, failure)
-        if failure:
-            return failure[0]
-        return Outcome.COMPLETED
+        self.outbound, self.inbound = outbound, inbound
+        self.reactor = reactor
+        self.on_finish = on_finish
+        # Why step before waiting: the client has usually sent its request while we were
+        # connecting, and trying costs one syscall where waiting costs an epoll round.
+        if self._step(outbound):
+            self._settle()
+
+    def on_ready(self, fd: int, events: int) -> None:
+        outbound, inbound = self.outbound, self.inbound
+        assert outbound is not None and inbound is not None
+        if fd == outbound.src_fd:
+            reader, writer = outbound, inbound
+        else:
+            reader, writer = inbound, outbound
+        # Why HUP and ERR count as both: the flow that waits on this fd must look, and
+        # its syscall reports the EOF or the error; fds nobody waits on are not in the set.
+        if events & _READABLE and reader.state == WANT_READ and not self._step(reader):
+            return
+        if events & _WRITABLE and writer.state == WANT_WRITE and not self._step(writer):
+            return
+        self._settle()
+
+    def retry(self) -> None:
+        """Out of fds earlier: try again to get the pipes."""
+        for flow in (self.outbound, self.inbound):
+            if flow is not None and flow.state == WANT_PIPE and not self._step(flow):
+                return
+        self._settle()
+
+    def fail(self, error: BaseException) -> None:
+        self._end(Outcome.UPSTREAM_RESET)
+
+    def _step(self, flow: Flow) -> bool:
+        """Advance one flow; False when that ended the session."""
+        try:
+            flow.step()
+        except ReadError:
+            self._end(Outcome.CLIENT_RESET if flow is self.outbound else Outcome.UPSTREAM_RESET)
+            return False
+        except WriteError:
+            self._end(Outcome.UPSTREAM_RESET if flow is self.outbound else Outcome.CLIENT_RESET)
+            return False
+        return True
+
+    def _settle(self) -> None:
+        """After progress: end the session, or register what each socket waits for."""
+        outbound, inbound, reactor = self.outbound, self.inbound, self.reactor
+        assert outbound is not None and inbound is not None and reactor is not None
+        out_state, in_state = outbound.state, inbound.state
+        if out_state == DONE and in_state == DONE:
+            self._end(Outcome.COMPLETED)
+            return
+        client_wants = (_WANTS_READ if out_state == WANT_READ else 0) | (
+            _WANTS_WRITE if in_state == WANT_WRITE else 0
+        )
+        upstream_wants = (_WANTS_READ if in_state == WANT_READ else 0) | (
+            _WANTS_WRITE if out_state == WANT_WRITE else 0
+        )
+        if client_wants != self.client_interest:
+            reactor.set_interest(outbound.src_fd, self.client_interest, client_wants, self)
+            self.client_interest = client_wants
+        if upstream_wants != self.upstream_interest:
+            reactor.set_interest(inbound.src_fd, self.upstream_interest, upstream_wants, self)
+            self.upstream_interest = upstream_wants
+        if out_state == WANT_PIPE or in_state == WANT_PIPE:
+            reactor.retry_later(self)
+
+    def _end(self, outcome: Outcome) -> None:
+        on_finish = self.on_finish
+        if on_finish is None:
+            return  # already ended
+        self.on_finish = None
+        reactor, outbound, inbound = self.reactor, self.outbound, self.inbound
+        assert reactor is not None and outbound is not None and inbound is not None
+        reactor.set_interest(outbound.src_fd, self.client_interest, 0, self)
+        reactor.set_interest(inbound.src_fd, self.upstream_interest, 0, self)
+        self.client_interest = self.upstream_interest = 0
+        reactor.forget(self)
+        outbound.release_pipe()
+        inbound.release_pipe()
+        on_finish(self, outcome)
 
     def close(self, outcome: Outcome) -> None:
         """Close both sockets; after a failure, pass a reset on instead of a clean EOF."""

@@ -1,11 +1,11 @@
-"""The zero-copy data path: kernel pipes, their pool, and one-direction pumps.
+"""The zero-copy data path: kernel pipes, their pool, and one-direction flows.
 
-A pump moves the bytes of one direction of a connection, socket -> pipe -> socket,
+A flow moves the bytes of one direction of a connection, socket -> pipe -> socket,
 with splice(2), so the payload never enters user space. The rules it follows were
 learned the hard way by Go's net package and by HAProxy:
 
-* Every call is tried first and only on EAGAIN do we wait for readiness; waiting first
-  would cost an epoll round trip for every chunk.
+* Every call is tried first and only on EAGAIN do we wait for readiness (the reactor
+  does the waiting); waiting first would cost an epoll round trip for every chunk.
 * EAGAIN from splice(socket -> pipe) is ambiguous: the socket may be empty, or the pipe
   may be full. We remove the ambiguity by only filling an *empty* pipe and then pumping
   *all* of it out before reading again, so EAGAIN on the read side always means "socket
@@ -23,7 +23,6 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Callable
 
 import trio
 
@@ -42,7 +41,6 @@ SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 YIELD_EVERY_BYTES = 8 << 20
 
 COPY_BUFFER_SIZE = 64 << 10
-PIPE_RETRY_SECONDS = 0.05
 
 
 def close_fd(fd: int) -> None:
@@ -157,7 +155,7 @@ TCP_CLOSE = 7  # include/net/tcp_states.h
 def was_reset(sock: socket.socket) -> bool:
     """Is a read of 0 from `sock` a reset rather than the peer's FIN?
 
-    Why: a reset socket reports its error once. When the other pump's call took it
+    Why: a reset socket reports its error once. When the other flow's call took it
     first, this read sees only "no more data", exactly like EOF. The TCP state tells
     them apart while we have not sent our own FIN: after the peer's FIN the socket is
     in CLOSE_WAIT, after a reset in CLOSE. Passing a reset on as a FIN would make a
@@ -170,21 +168,6 @@ def was_reset(sock: socket.socket) -> bool:
     except OSError:
         return False
     return info[0] == TCP_CLOSE
-
-
-async def acquire_pipe(pool: PipePool, size: int) -> Pipe:
-    """A pipe from the pool; when the process is out of fds, wait for one to free up.
-
-    Why wait rather than fail: running out of fds is a passing state (connections end,
-    idle pipes close), and the bytes of this connection are safe in the socket meanwhile.
-    """
-    while True:
-        try:
-            return pool.acquire(size)
-        except OSError as error:
-            if error.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-        await trio.sleep(PIPE_RETRY_SECONDS)
 
 
 class ReadError(Exception):
@@ -203,23 +186,38 @@ class WriteError(Exception):
         self.error = error
 
 
-class Pump:
-    """Moves one direction of a connection until EOF, then half-closes the destination.
+# What a flow needs before it can go on; the session turns these into epoll interest.
+WANT_READ = 1  # the source socket is empty
+WANT_WRITE = 2  # the destination socket is full and bytes are held
+WANT_PIPE = 3  # the process is out of fds for a pipe; retried on a timer
+DONE = 4  # EOF passed on: the destination's write side is shut down
 
-    `run()` returns normally on EOF (after `shutdown(SHUT_WR)` of the destination) and
-    raises ReadError or WriteError when a side fails. `on_progress` is called with the
-    byte count of each chunk delivered, so the session can notice activity cheaply.
+
+class Flow:
+    """Moves one direction of a connection, as far as it can without blocking.
+
+    `step()` never waits: it moves bytes until the source is empty or the destination
+    is full, and returns what it needs next (WANT_READ, WANT_WRITE, WANT_PIPE), or DONE
+    once EOF has been passed on with `shutdown(SHUT_WR)`. It raises ReadError or
+    WriteError when a side fails. Who calls it again, and when, is the reactor's
+    business; a flow holds no task, so an idle connection costs only its objects.
     """
 
     __slots__ = (
         "_counter",
         "_dst",
-        "_on_progress",
         "_pipe_size",
         "_pool",
         "_src",
-        "finished",
+        "dst_fd",
+        "held",
+        "moved",
+        "pending",
+        "pipe",
         "reverse",
+        "src_fd",
+        "started",
+        "state",
         "use_splice",
     )
 
@@ -230,128 +228,171 @@ class Pump:
         pool: PipePool,
         pipe_size: int,
         counter: ByteCounter,
-        on_progress: Callable[[int], None],
         use_splice: bool = True,
     ) -> None:
         self._src = src
         self._dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
         self._pool = pool
         self._pipe_size = pipe_size
         self._counter = counter
-        self._on_progress = on_progress
         self.use_splice = use_splice
-        self.finished = False  # the destination's write side is shut down
-        self.reverse: Pump | None = None  # the other direction of the same connection
+        self.state = WANT_READ
+        self.moved = 0  # bytes delivered to the destination, for idle detection and logs
+        self.pipe: Pipe | None = None  # borrowed only while bytes are in flight
+        self.held = 0  # bytes in `pipe` not yet delivered
+        self.pending = b""  # copy path: bytes received but not yet sent
+        self.started = False  # a first chunk has moved (splice is known to work)
+        self.reverse: Flow | None = None  # the other direction of the same connection
+
+    def step(self) -> int:
+        if self.use_splice:
+            self.state = self._splice_step()
+        else:
+            self.state = self._copy_step()
+        return self.state
+
+    def release_pipe(self) -> None:
+        """Give back a pipe held at teardown; one with bytes in it is closed."""
+        pipe = self.pipe
+        if pipe is not None:
+            self.pipe = None
+            self._pool.release(pipe, self._pipe_size, self.held)
+            self.held = 0
 
     def _reset_not_eof(self) -> bool:
         """Was the read of 0 from the source a reset? (see was_reset)
 
-        Only while our own FIN has not gone to the source: once the reverse pump has
+        Only while our own FIN has not gone to the source: once the reverse flow has
         shut the source's write side, a clean close also leaves the socket in CLOSE
         (the kernel hands the connection to a TIME_WAIT socket).
         """
         reverse = self.reverse
-        return not (reverse is not None and reverse.finished) and was_reset(self._src)
+        return not (reverse is not None and reverse.state == DONE) and was_reset(self._src)
 
-    async def run(self) -> None:
-        if self.use_splice:
-            await self._splice_until_eof()
-        if not self.use_splice:
-            await self._copy_until_eof()
-        # Why a checkpoint before the FIN: if the other direction failed meanwhile, the
-        # session is cancelled here, and a reset is passed on rather than a FIN.
-        await trio.lowlevel.checkpoint()
+    def _end_of_stream(self) -> int:
+        if self._reset_not_eof():
+            raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
         try:
             self._dst.shutdown(socket.SHUT_WR)
         except OSError as error:
             # ENOTCONN: the destination is already gone; that is its failure, not ours.
             raise WriteError(error) from None
-        self.finished = True
+        return DONE
 
-    async def _splice_until_eof(self) -> None:
-        src_fd = self._src.fileno()
-        dst_fd = self._dst.fileno()
-        size = self._pipe_size
+    def _splice_step(self) -> int:
         pool = self._pool
+        size = self._pipe_size
         counter = self._counter
-        on_progress = self._on_progress
         splice = os.splice
-        pipe: Pipe | None = None
-        held = 0  # bytes in `pipe` not yet delivered to the destination
-        first = True
-        since_yield = 0
-        try:
-            while True:
-                if pipe is None:
-                    # Why wait before borrowing: an idle connection must hold no pipe.
-                    await trio.lowlevel.wait_readable(src_fd)
-                    since_yield = 0
-                    pipe = await acquire_pipe(pool, size)
+        pipe = self.pipe
+        held = self.held
+        budget = YIELD_EVERY_BYTES
+        while True:
+            if pipe is None:
                 try:
-                    held = splice(src_fd, pipe.write_fd, pipe.capacity, flags=SPLICE_FLAGS)
+                    pipe = pool.acquire(size)
+                except OSError as error:
+                    if error.errno in (errno.EMFILE, errno.ENFILE):
+                        # Why wait rather than fail: running out of fds passes (connections
+                        # end, idle pipes close); the bytes are safe in the socket meanwhile.
+                        return WANT_PIPE
+                    raise ReadError(error) from None
+                try:
+                    held = splice(self.src_fd, pipe.write_fd, pipe.capacity, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     # The pipe is empty, so EAGAIN means the socket is: give the pipe back.
                     pool.release(pipe, size, 0)
-                    pipe = None
-                    continue
+                    return WANT_READ
                 except OSError as error:
-                    if first and error.errno in SPLICE_UNSUPPORTED:
+                    pool.release(pipe, size, 0)
+                    if not self.started and error.errno in SPLICE_UNSUPPORTED:
                         self.use_splice = False
-                        return
+                        return self._copy_step()
                     raise ReadError(error) from None
                 if held == 0:
-                    if self._reset_not_eof():
-                        raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
-                    return  # EOF, and the pipe is empty: safe to half-close
-                first = False
-                since_yield += held
-                while held:
-                    try:
-                        moved = splice(pipe.read_fd, dst_fd, held, flags=SPLICE_FLAGS)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(dst_fd)
-                        since_yield = 0
-                        continue
-                    except OSError as error:
-                        raise WriteError(error) from None
-                    held -= moved
-                    counter.splice += moved
-                    on_progress(moved)
-                if since_yield >= YIELD_EVERY_BYTES:
-                    since_yield = 0
-                    await trio.lowlevel.checkpoint()
-        finally:
-            if pipe is not None:
-                pool.release(pipe, size, held)
+                    pool.release(pipe, size, 0)
+                    return self._end_of_stream()  # EOF, and the pipe is empty
+                self.started = True
+                self.pipe = pipe
+                # Why note a full read: a read that did not fill the pipe almost always
+                # emptied the socket, and level-triggered epoll will say if it did not.
+                # Skipping the retry saves the EAGAIN syscall on every small message.
+                filled = held == pipe.capacity
+            else:
+                filled = True
+            while held:
+                try:
+                    moved = splice(pipe.read_fd, self.dst_fd, held, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.held = held
+                    return WANT_WRITE
+                except OSError as error:
+                    self.held = held
+                    raise WriteError(error) from None
+                held -= moved
+                counter.splice += moved
+                self.moved += moved
+                budget -= moved
+            self.held = 0
+            self.pipe = None
+            pool.release(pipe, size, 0)
+            pipe = None
+            if not filled or budget <= 0:
+                # Fairness: after YIELD_EVERY_BYTES the other connections get their turn;
+                # level-triggered epoll brings this one back.
+                return WANT_READ
 
-    async def _copy_until_eof(self) -> None:
+    def _copy_step(self) -> int:
         """The user-space fallback for files the kernel will not splice."""
         src = self._src
         dst = self._dst
         counter = self._counter
-        on_progress = self._on_progress
-        buffer = bytearray(COPY_BUFFER_SIZE)
-        view = memoryview(buffer)
+        if self.pending and not self._send_pending():
+            return WANT_WRITE
+        buffer = _shared_copy_buffer
+        budget = YIELD_EVERY_BYTES
         while True:
             try:
                 received = src.recv_into(buffer)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                continue
+                return WANT_READ
             except OSError as error:
                 raise ReadError(error) from None
             if received == 0:
-                if self._reset_not_eof():
-                    raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
-                return
-            sent = 0
-            while sent < received:
-                try:
-                    sent += dst.send(view[sent:received])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
-                except OSError as error:
-                    raise WriteError(error) from None
-            counter.copy += received
-            on_progress(received)
-            await trio.lowlevel.checkpoint()
+                return self._end_of_stream()
+            self.started = True
+            try:
+                sent = dst.send(memoryview(buffer)[:received])
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                raise WriteError(error) from None
+            counter.copy += sent
+            self.moved += sent
+            budget -= sent
+            if sent < received:
+                # Only the unsent tail is kept per connection; the buffer is shared.
+                self.pending = bytes(buffer[sent:received])
+                return WANT_WRITE
+            if received < len(buffer) or budget <= 0:
+                return WANT_READ  # as in _splice_step: epoll says if more is waiting
+
+    def _send_pending(self) -> bool:
+        """Send what the copy path holds; True once all of it is gone."""
+        try:
+            sent = self._dst.send(self.pending)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            raise WriteError(error) from None
+        self._counter.copy += sent
+        self.moved += sent
+        self.pending = self.pending[sent:]
+        return not self.pending
+
+
+# One buffer for every copy-path flow: flows run one at a time, and a flow that cannot
+# send all of a chunk keeps only the unsent tail.
+_shared_copy_buffer = bytearray(COPY_BUFFER_SIZE)

@@ -116,7 +116,7 @@ class PipeStats:
     """State of the kernel pipes that carry the spliced bytes."""
 
     idle: int = 0  # pooled, empty, ready for the next burst
-    in_use: int = 0  # lent to a pump that has (or is about to have) bytes in it
+    in_use: int = 0  # lent to a flow that has (or is about to have) bytes in it
     created: int = 0
     resize_failures: int = 0  # F_SETPIPE_SZ refused: the pipe kept a smaller size
 
