@@ -42,6 +42,10 @@ class Reactor:
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._retry: set[Handler] = set()
+        # fds registered during the round being dispatched (see run).
+        self._added_this_round: set[int] = set()
+        self._dispatching = False
+        self._next_retry = 0.0
 
     def __len__(self) -> int:
         return len(self._handlers)
@@ -61,10 +65,22 @@ class Reactor:
         elif not current:
             self._epoll.register(fd, wanted)
             self._handlers[fd] = handler
+            if self._dispatching:
+                self._added_this_round.add(fd)
         else:
             self._epoll.modify(fd, wanted)
 
+    def hand_over(self, fd: int, handler: Handler) -> None:
+        """A registered fd changes hands (connector -> session), interest unchanged."""
+        self._handlers[fd] = handler
+
+    def forget_fd(self, fd: int) -> None:
+        """Stop dispatching `fd`, which its owner is about to close (see Session._end)."""
+        del self._handlers[fd]
+
     def retry_later(self, handler: Handler) -> None:
+        if not self._retry:
+            self._next_retry = trio.current_time() + RETRY_SECONDS
         self._retry.add(handler)
 
     def forget(self, handler: Handler) -> None:
@@ -77,23 +93,31 @@ class Reactor:
         try:
             while True:
                 if self._retry:
-                    with trio.move_on_after(RETRY_SECONDS) as waited:
+                    with trio.move_on_after(RETRY_SECONDS):
                         await wait_readable(epoll)
-                    if waited.cancelled_caught:
+                    if trio.current_time() >= self._next_retry:
                         self._run_retries()
-                        continue
                 else:
                     await wait_readable(epoll)
+                added = self._added_this_round
+                self._dispatching = True
                 for fd, events in epoll.poll(0, MAX_EVENTS):
+                    if fd in added:
+                        # Why: an earlier handler in this round closed this fd number and
+                        # a new socket got it; the event was about the old one. Level-
+                        # triggered epoll reports the new socket's own state next round.
+                        continue
                     handler = handlers.get(fd)
                     if handler is None:
-                        continue  # unregistered by an earlier handler in this round
+                        continue  # closed by an earlier handler in this round
                     try:
                         handler.on_ready(fd, events)
                     except Exception as error:
                         # A bug, not a peer's doing: end that connection, serve the rest.
                         log.exception("connection failed unexpectedly")
                         handler.fail(error)
+                self._dispatching = False
+                added.clear()
         finally:
             trio.lowlevel.notify_closing(epoll)
             epoll.close()

@@ -20,10 +20,11 @@ import trio
 
 from .balancer import Strategy, make_strategy
 from .config import Config, Route
-from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header, send_all
+from .connector import CONNECT_INTEREST, Connector
+from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header
 from .listeners import ListenError, ListenerSet
 from .reactor import Reactor
-from .session import ConnectError, Outcome, Session, connect, prepare_accepted
+from .session import Outcome, Session, prepare_accepted
 from .splice import PipePool, close_socket
 from .stats import RelayStats, RouteStats
 from .upstreams import (
@@ -189,6 +190,7 @@ class Relay:
         self._access = access
         self._stop_requested = trio.Event()
         self._sessions: dict[Session, RouteRuntime] = {}
+        self._connecting: set[Connector] = set()
         self._all_done = trio.Event()
         self._session_nursery: trio.Nursery | None = None
         self._route_nursery: trio.Nursery | None = None
@@ -222,6 +224,7 @@ class Relay:
                 self._session_nursery = sessions
                 sessions.start_soon(self.reactor.run)
                 sessions.start_soon(self._sweep_idle)
+                sessions.start_soon(self._expire_connects)
                 async with trio.open_nursery() as routes:
                     self._route_nursery = routes
                     for runtime in self.runtimes:
@@ -333,8 +336,6 @@ class Relay:
 
     async def _accept_loop(self, runtime: RouteRuntime) -> None:
         listener = runtime.listener
-        assert self._session_nursery is not None
-        start_session = self._session_nursery.start_soon
         accepted = 0
         while True:
             # Why take a slot before accept(): at max_connections we stop taking
@@ -353,7 +354,9 @@ class Relay:
             session = Session(client, format_endpoint(endpoint))
             self._sessions[session] = runtime
             runtime.stats.active += 1
-            start_session(self._handle, runtime, session, endpoint, global_slot)
+            session.owner = runtime
+            session.global_slot = global_slot
+            self._start_session(runtime, session, endpoint)
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
                 await trio.lowlevel.checkpoint()  # let the new sessions run during a storm
@@ -467,30 +470,77 @@ class Relay:
 
     # ----- one connection ---------------------------------------------------------
 
-    async def _handle(
-        self,
-        runtime: RouteRuntime,
-        session: Session,
-        endpoint: tuple[str, int] | None,
-        global_slot: trio.Semaphore | None,
+    def _start_session(
+        self, runtime: RouteRuntime, session: Session, endpoint: tuple[str, int] | None
     ) -> None:
-        """Set one connection up; once established, the reactor carries it on alone."""
-        session.owner = runtime
-        session.global_slot = global_slot
+        """Set a new connection up; only reading a PROXY header takes a task."""
+        try:
+            prepare_accepted(session.client)
+        except OSError:
+            self._finish(session, Outcome.CLIENT_RESET)  # gone before we could look
+            return
+        if runtime.route.accept_proxy_protocol:
+            assert self._session_nursery is not None
+            session.tracked = True  # trio waits on the client socket for the header
+            self._session_nursery.start_soon(self._read_proxy_header, runtime, session, endpoint)
+            return
+        session.cancel_scope = None
+        self._set_up(runtime, session, endpoint, None)
+
+    async def _read_proxy_header(
+        self, runtime: RouteRuntime, session: Session, source: tuple[str, int] | None
+    ) -> None:
+        route = runtime.route
         outcome: Outcome | None = None
+        header = None
         try:
             assert session.cancel_scope is not None
             with session.cancel_scope:
-                outcome = await self._run_session(runtime, session, endpoint)
-            if outcome is None and not session.adopted:
+                header = await receive_proxy_header(session.client, route.proxy_protocol_timeout)
+            if header is None:
                 outcome = session.closing_outcome or Outcome.SHUTDOWN
+        except ProxyHeaderRejected as error:
+            log.info(
+                "bad PROXY header",
+                extra={
+                    "fields": {
+                        "route": route.name,
+                        "client": session.client_address,
+                        "error": str(error),
+                    }
+                },
+            )
+            outcome = Outcome.BAD_PROXY_HEADER
         except Exception:
             # A bug, not a peer's doing: log it loudly but keep serving everyone else.
             log.exception("session failed unexpectedly")
             outcome = Outcome.UPSTREAM_RESET
-        finally:
-            if not session.adopted:
-                self._finish(session, outcome or Outcome.SHUTDOWN)
+        if outcome is not None or header is None:
+            self._finish(session, outcome or Outcome.SHUTDOWN)
+            return
+        session.cancel_scope = None
+        destination: tuple[str, int] | None = None
+        if not header.local and header.source is not None:
+            # From here on, the client is the one the trusted proxy in front named.
+            source, destination = header.source, header.destination
+            session.client_address = format_endpoint(source)
+        self._set_up(runtime, session, source, destination)
+
+    def _set_up(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        source: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
+    ) -> None:
+        """Check the client against the route's rules, then start connecting."""
+        try:
+            outcome = self._admit_and_connect(runtime, session, source, destination)
+        except Exception:
+            log.exception("session failed unexpectedly")
+            outcome = Outcome.UPSTREAM_RESET
+        if outcome is not None:
+            self._finish(session, outcome)
 
     def _finish(self, session: Session, outcome: Outcome) -> None:
         """Count, close and forget a connection; called exactly once for each."""
@@ -522,33 +572,15 @@ class Relay:
         if self._access is not None:
             self._access(runtime, session, outcome)
 
-    async def _run_session(
-        self, runtime: RouteRuntime, session: Session, source: tuple[str, int] | None
+    def _admit_and_connect(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        source: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
     ) -> Outcome | None:
-        """Set the connection up; None once the reactor has it."""
+        """An outcome when the client is turned away; None once connecting has begun."""
         route = runtime.route
-        client = session.client
-        prepare_accepted(client)
-        destination: tuple[str, int] | None = None
-        if route.accept_proxy_protocol:
-            try:
-                header = await receive_proxy_header(client, route.proxy_protocol_timeout)
-            except ProxyHeaderRejected as error:
-                log.info(
-                    "bad PROXY header",
-                    extra={
-                        "fields": {
-                            "route": route.name,
-                            "client": session.client_address,
-                            "error": str(error),
-                        }
-                    },
-                )
-                return Outcome.BAD_PROXY_HEADER
-            if not header.local and header.source is not None:
-                # From here on, the client is the one the trusted proxy in front named.
-                source, destination = header.source, header.destination
-                session.client_address = format_endpoint(source)
         if (
             (route.allow or route.deny)
             and source is not None
@@ -563,33 +595,69 @@ class Relay:
                 return Outcome.SOURCE_LIMIT
             counts[source[0]] = held + 1
             session.source_key = source[0]  # given back in _finish
-        return await self._connect_and_relay(runtime, session, source, destination)
-
-    async def _connect_and_relay(
-        self,
-        runtime: RouteRuntime,
-        session: Session,
-        source: tuple[str, int] | None,
-        destination: tuple[str, int] | None,
-    ) -> Outcome | None:
-        route = runtime.route
         order = runtime.attempt_order(source[0] if source else None)
         if not order:
             return Outcome.NO_UPSTREAM
-        upstream = await self._connect_upstream(runtime, session, order)
-        if upstream is None:
-            return Outcome.CONNECT_FAILED
+
+        def connected(sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+            self._connecting.discard(connector)
+            if sock is None or upstream is None:
+                self._finish(session, Outcome.CONNECT_FAILED)
+                return
+            upstream.stats.active += 1
+            session.upstream_stats = upstream.stats
+            session.upstream_label = upstream.target.label
+            session.upstream = sock
+            self._relay(runtime, session, sock, source, destination)
+
+        connector = Connector(
+            runtime.upstreams,
+            order,
+            route.connect_timeout,
+            route.health_check is not None,
+            runtime.stats.connect_errors,
+            self.reactor,
+            route.name,
+            connected,
+        )
+
+        def stop(outcome: Outcome) -> None:
+            connector.abort()
+            self._connecting.discard(connector)
+            session.on_stop = None
+            self._finish(session, outcome)
+
+        session.on_stop = stop
+        self._connecting.add(connector)
+        connector.start(trio.current_time())
+        return None
+
+    def _relay(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        upstream: socket.socket,
+        source: tuple[str, int] | None,
+        destination: tuple[str, int] | None,
+    ) -> None:
+        """The upstream accepted: send a PROXY header if asked, then relay."""
+        route = runtime.route
         if route.proxy_protocol != "none":
             if destination is None:
                 # Asked only now: most routes never need the address clients reached.
                 destination = endpoint_of(session.client.family, session.client.getsockname())
+            header = build_proxy_header(route.proxy_protocol, source, destination)
             try:
-                await send_all(
-                    upstream, build_proxy_header(route.proxy_protocol, source, destination)
-                )
+                # Why one send is enough: the socket has just connected, so its send
+                # buffer (at least a few KiB) is empty, and a header is at most a few
+                # hundred bytes.
+                sent = upstream.send(header)
             except OSError:
-                close_socket(upstream)
-                return Outcome.UPSTREAM_RESET
+                sent = -1
+            if sent != len(header):
+                self.reactor.forget_fd(upstream.fileno())  # the connector's registration
+                self._finish(session, Outcome.UPSTREAM_RESET)
+                return
         session.adopt(
             upstream,
             self.reactor,
@@ -598,46 +666,18 @@ class Relay:
             runtime.stats,
             self.use_splice,
             self._finish,
+            upstream_interest=CONNECT_INTEREST,
         )
-        return None
 
-    async def _connect_upstream(
-        self, runtime: RouteRuntime, session: Session, order: list[int]
-    ) -> socket.socket | None:
-        """Try the strategy's choice, then fail over along its order."""
-        route = runtime.route
-        passive_health = route.health_check is not None
-        for index in order:
-            upstream = runtime.upstreams[index]
-            target = upstream.target
-            started = trio.current_time()
-            try:
-                sock = await connect(target, route.connect_timeout)
-            except ConnectError as error:
-                runtime.stats.connect_errors[(target.label, error.reason)] += 1
-                if passive_health:
-                    # Passive health: `fall` failed connects in a row mark it down until
-                    # the active checks see it rise again.
-                    upstream.mark(False)
-                log.debug(
-                    "upstream connect failed",
-                    extra={
-                        "fields": {
-                            "route": route.name,
-                            "upstream": target.label,
-                            "reason": error.reason,
-                        }
-                    },
-                )
-                continue
-            upstream.stats.connect_seconds.observe(trio.current_time() - started)
-            if passive_health and upstream.health.up:
-                upstream.mark(True)
-            upstream.stats.active += 1
-            session.upstream_stats = upstream.stats
-            session.upstream_label = target.label
-            return sock
-        return None
+    async def _expire_connects(self) -> None:
+        """Connect timeouts, for every connection attempt, on one coarse timer."""
+        while True:
+            timeouts = [runtime.route.connect_timeout for runtime in self.runtimes]
+            await trio.sleep(min(max(min(timeouts, default=1.0) / 20, 0.01), 0.25))
+            if self._connecting:
+                now = trio.current_time()
+                for connector in list(self._connecting):
+                    connector.expire(now)
 
     # ----- idle timeout and max duration -------------------------------------------
 

@@ -78,7 +78,7 @@ def connect_error_reason(error: OSError) -> str:
     return "error"
 
 
-def _tune_stream_socket(sock: socket.socket) -> None:
+def tune_stream_socket(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Why: a relay must not add Nagle's delay to small writes it forwards; the
         # endpoints already decided how to batch their own bytes.
@@ -88,20 +88,22 @@ def _tune_stream_socket(sock: socket.socket) -> None:
 def prepare_accepted(sock: socket.socket) -> None:
     """Make an accepted client socket ready for the data path."""
     sock.setblocking(False)
-    _tune_stream_socket(sock)
+    tune_stream_socket(sock)
 
 
 async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
-    """Open a non-blocking stream socket to `target` within `timeout` seconds."""
+    """Open a non-blocking stream socket to `target` within `timeout` seconds, in a task.
+
+    Health checks use this; relayed connections connect in the reactor (connector.py).
+    """
     try:
         sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as error:
-        # EMFILE/ENFILE: out of fds; a failed connect, not a crash of the session.
         raise ConnectError(
             "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
         ) from None
     try:
-        _tune_stream_socket(sock)
+        tune_stream_socket(sock)
         try:
             sock.connect(target.sockaddr)
         except BlockingIOError:
@@ -121,9 +123,13 @@ async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
     return sock
 
 
-_WANTS_READ = select.EPOLLIN
+# Why EPOLLRDHUP with EPOLLIN: it says the peer's FIN is waiting behind the data, so
+# the flow reads on to the EOF and passes the FIN on at once, instead of a round later,
+# by which time a reset may have overtaken it (see was_reset).
+_WANTS_READ = select.EPOLLIN | select.EPOLLRDHUP
 _WANTS_WRITE = select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_PEER_CLOSED = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 FinishCallback = Callable[["Session", Outcome], None]
@@ -149,12 +155,14 @@ class Session:
         "idle_since",
         "inbound",
         "on_finish",
+        "on_stop",
         "outbound",
         "owner",
         "reactor",
         "seen_activity",
         "source_key",
         "started",
+        "tracked",
         "upstream",
         "upstream_interest",
         "upstream_label",
@@ -185,6 +193,11 @@ class Session:
         self.on_finish: FinishCallback | None = None
         self.client_interest = 0
         self.upstream_interest = 0
+        # While connecting without a task: how to stop (see Connector.abort).
+        self.on_stop: Callable[[Outcome], None] | None = None
+        # Has trio itself waited on the client socket (reading a PROXY header)? Only then
+        # must closing it go through trio.lowlevel.notify_closing.
+        self.tracked = False
 
     @property
     def bytes_in(self) -> int:
@@ -210,6 +223,8 @@ class Session:
             self.closing_outcome = outcome
         if self.reactor is not None:
             self._end(outcome)
+        elif self.on_stop is not None:
+            self.on_stop(outcome)
         elif self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
@@ -224,10 +239,16 @@ class Session:
         stats: RouteStats,
         use_splice: bool,
         on_finish: FinishCallback,
+        upstream_interest: int = 0,
     ) -> None:
-        """Hand the established connection to `reactor`; its task may then return."""
+        """Hand the established connection to `reactor`.
+
+        `upstream_interest` is what the upstream socket is already registered for (the
+        connector's EPOLLOUT); the session takes that registration over.
+        """
         self.upstream = upstream
         self.cancel_scope = None  # no task to cancel from here on
+        self.on_stop = None
         client = self.client
         outbound = Flow(client, upstream, pool, pipe_size, stats.client_to_upstream, use_splice)
         inbound = Flow(upstream, client, pool, pipe_size, stats.upstream_to_client, use_splice)
@@ -235,9 +256,12 @@ class Session:
         self.outbound, self.inbound = outbound, inbound
         self.reactor = reactor
         self.on_finish = on_finish
+        if upstream_interest:
+            reactor.hand_over(inbound.src_fd, self)
+            self.upstream_interest = upstream_interest
         # Why step before waiting: the client has usually sent its request while we were
         # connecting, and trying costs one syscall where waiting costs an epoll round.
-        if self._step(outbound):
+        if self._step(outbound, eager=True):
             self._settle()
 
     def on_ready(self, fd: int, events: int) -> None:
@@ -249,7 +273,11 @@ class Session:
             reader, writer = inbound, outbound
         # Why HUP and ERR count as both: the flow that waits on this fd must look, and
         # its syscall reports the EOF or the error; fds nobody waits on are not in the set.
-        if events & _READABLE and reader.state == WANT_READ and not self._step(reader):
+        if (
+            events & _READABLE
+            and reader.state == WANT_READ
+            and not self._step(reader, eager=bool(events & _PEER_CLOSED))
+        ):
             return
         if events & _WRITABLE and writer.state == WANT_WRITE and not self._step(writer):
             return
@@ -265,10 +293,10 @@ class Session:
     def fail(self, error: BaseException) -> None:
         self._end(Outcome.UPSTREAM_RESET)
 
-    def _step(self, flow: Flow) -> bool:
+    def _step(self, flow: Flow, eager: bool = False) -> bool:
         """Advance one flow; False when that ended the session."""
         try:
-            flow.step()
+            flow.step(eager)
         except ReadError:
             self._end(Outcome.CLIENT_RESET if flow is self.outbound else Outcome.UPSTREAM_RESET)
             return False
@@ -307,8 +335,13 @@ class Session:
         self.on_finish = None
         reactor, outbound, inbound = self.reactor, self.outbound, self.inbound
         assert reactor is not None and outbound is not None and inbound is not None
-        reactor.set_interest(outbound.src_fd, self.client_interest, 0, self)
-        reactor.set_interest(inbound.src_fd, self.upstream_interest, 0, self)
+        # Why no EPOLL_CTL_DEL: both sockets are closed right after this, and closing
+        # the last reference to a file removes it from every epoll set. Ours are never
+        # dup'd or inherited (CLOEXEC), so close() is that last reference.
+        if self.client_interest:
+            reactor.forget_fd(outbound.src_fd)
+        if self.upstream_interest:
+            reactor.forget_fd(inbound.src_fd)
         self.client_interest = self.upstream_interest = 0
         reactor.forget(self)
         outbound.release_pipe()
@@ -319,11 +352,12 @@ class Session:
         """Close both sockets; after a failure, pass a reset on instead of a clean EOF."""
         upstream = self.upstream
         if outcome is Outcome.UPSTREAM_RESET:
-            abort_socket(self.client)
+            abort_socket(self.client, self.tracked)
         else:
-            close_socket(self.client)
+            close_socket(self.client, self.tracked)
         if upstream is not None:
+            # Only the connector and the reactor have waited on it, never trio.
             if outcome is Outcome.CLIENT_RESET:
-                abort_socket(upstream)
+                abort_socket(upstream, tracked=False)
             else:
-                close_socket(upstream)
+                close_socket(upstream, tracked=False)

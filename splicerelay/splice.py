@@ -49,14 +49,19 @@ def close_fd(fd: int) -> None:
     os.close(fd)
 
 
-def close_socket(sock: socket.socket) -> None:
-    """Close a socket through trio's notify-then-close protocol; safe to call twice."""
+def close_socket(sock: socket.socket, tracked: bool = True) -> None:
+    """Close a socket; safe to call twice.
+
+    `tracked`: trio may have waited on it, so it goes through trio's notify-then-close
+    protocol. Sockets only the reactor has seen skip that (and its epoll_ctl).
+    """
     if sock.fileno() >= 0:
-        trio.lowlevel.notify_closing(sock)
+        if tracked:
+            trio.lowlevel.notify_closing(sock)
         sock.close()
 
 
-def abort_socket(sock: socket.socket) -> None:
+def abort_socket(sock: socket.socket, tracked: bool = True) -> None:
     """Close with a TCP RST instead of a FIN, to pass a reset on to the other peer."""
     if sock.fileno() < 0:
         return
@@ -246,11 +251,13 @@ class Flow:
         self.started = False  # a first chunk has moved (splice is known to work)
         self.reverse: Flow | None = None  # the other direction of the same connection
 
-    def step(self) -> int:
+    def step(self, eager: bool = False) -> int:
+        """Move what can be moved now. `eager`: read on until EAGAIN or EOF even after a
+        read that did not fill the pipe (the peer's FIN is known to be waiting)."""
         if self.use_splice:
-            self.state = self._splice_step()
+            self.state = self._splice_step(eager)
         else:
-            self.state = self._copy_step()
+            self.state = self._copy_step(eager)
         return self.state
 
     def release_pipe(self) -> None:
@@ -261,18 +268,14 @@ class Flow:
             self._pool.release(pipe, self._pipe_size, self.held)
             self.held = 0
 
-    def _reset_not_eof(self) -> bool:
-        """Was the read of 0 from the source a reset? (see was_reset)
-
-        Only while our own FIN has not gone to the source: once the reverse flow has
-        shut the source's write side, a clean close also leaves the socket in CLOSE
-        (the kernel hands the connection to a TIME_WAIT socket).
-        """
-        reverse = self.reverse
-        return not (reverse is not None and reverse.state == DONE) and was_reset(self._src)
-
     def _end_of_stream(self) -> int:
-        if self._reset_not_eof():
+        reverse = self.reverse
+        if reverse is not None and reverse.state == DONE:
+            # Why no shutdown: both directions are now done, so the session closes both
+            # sockets at once, and close() sends the FIN itself. Both receive queues are
+            # empty (each side's EOF was read), so close() cannot turn into a reset.
+            return DONE
+        if was_reset(self._src):
             raise ReadError(ConnectionResetError(errno.ECONNRESET, "reset"))
         try:
             self._dst.shutdown(socket.SHUT_WR)
@@ -281,7 +284,7 @@ class Flow:
             raise WriteError(error) from None
         return DONE
 
-    def _splice_step(self) -> int:
+    def _splice_step(self, eager: bool) -> int:
         pool = self._pool
         size = self._pipe_size
         counter = self._counter
@@ -309,7 +312,7 @@ class Flow:
                     pool.release(pipe, size, 0)
                     if not self.started and error.errno in SPLICE_UNSUPPORTED:
                         self.use_splice = False
-                        return self._copy_step()
+                        return self._copy_step(eager)
                     raise ReadError(error) from None
                 if held == 0:
                     pool.release(pipe, size, 0)
@@ -319,7 +322,7 @@ class Flow:
                 # Why note a full read: a read that did not fill the pipe almost always
                 # emptied the socket, and level-triggered epoll will say if it did not.
                 # Skipping the retry saves the EAGAIN syscall on every small message.
-                filled = held == pipe.capacity
+                filled = eager or held == pipe.capacity
             else:
                 filled = True
             while held:
@@ -344,7 +347,7 @@ class Flow:
                 # level-triggered epoll brings this one back.
                 return WANT_READ
 
-    def _copy_step(self) -> int:
+    def _copy_step(self, eager: bool) -> int:
         """The user-space fallback for files the kernel will not splice."""
         src = self._src
         dst = self._dst
@@ -376,7 +379,7 @@ class Flow:
                 # Only the unsent tail is kept per connection; the buffer is shared.
                 self.pending = bytes(buffer[sent:received])
                 return WANT_WRITE
-            if received < len(buffer) or budget <= 0:
+            if (received < len(buffer) and not eager) or budget <= 0:
                 return WANT_READ  # as in _splice_step: epoll says if more is waiting
 
     def _send_pending(self) -> bool:

@@ -17,6 +17,7 @@ MiB = 1 << 20
 
 async def exchange(relay_factory, size: int, **start_options: object):  # type: ignore[no-untyped-def]
     got: dict[str, Transfer] = {}
+    upstream_done = trio.Event()
 
     async def upstream(stream: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
@@ -28,6 +29,7 @@ async def exchange(relay_factory, size: int, **start_options: object):  # type: 
             nursery.start_soon(send)
             got["upstream"] = await receive_all(stream)
         await stream.aclose()
+        upstream_done.set()
 
     async with trio.open_nursery() as nursery:
         upstream_port = await start_server(nursery, upstream)
@@ -45,6 +47,9 @@ async def exchange(relay_factory, size: int, **start_options: object):  # type: 
             pair.start_soon(send)
             got["client"] = await receive_all(stream)
         await stream.aclose()
+        # The client's side ending says nothing of the other direction: wait for it too.
+        with trio.fail_after(10):
+            await upstream_done.wait()
         nursery.cancel_scope.cancel()
 
     assert got["upstream"] == expected_transfer(50, size)

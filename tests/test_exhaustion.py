@@ -335,6 +335,7 @@ async def test_unprivileged_past_pipe_user_pages_soft_stays_intact_and_spliced(r
     upstream_saw: dict[int, Transfer] = {}
     client_saw: dict[int, Transfer] = {}
     gate = trio.Event()
+    upstream_done = trio.Event()
     connected = 0
 
     async def upstream(stream: trio.SocketStream) -> None:
@@ -350,6 +351,8 @@ async def test_unprivileged_past_pipe_user_pages_soft_stays_intact_and_spliced(r
             nursery.start_soon(reply)
             await gate.wait()
             upstream_saw[seed] = await receive_all(stream)
+        if len(upstream_saw) == transfers:
+            upstream_done.set()
 
     async def client(seed: int) -> None:
         async with await connect(listen_port) as stream:
@@ -397,6 +400,9 @@ async def test_unprivileged_past_pipe_user_pages_soft_stays_intact_and_spliced(r
                     )
                     held = pipes_in_use()
                     gate.set()
+                # Every client has its reply; the uploads may still be landing.
+                with trio.move_on_after(10):
+                    await upstream_done.wait()
             nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(work_dir)

@@ -1,0 +1,200 @@
+"""Connecting a session to an upstream without a task: non-blocking connects in the reactor.
+
+A connection attempt is a `connect()` that returns EINPROGRESS; the socket becomes
+writable when the handshake has ended, and SO_ERROR says how. Waiting for that in the
+shared epoll rather than in a trio task saves a task, a cancel scope and trio's own
+epoll registration for every new connection, which is most of what a short-lived
+connection costs. Failover follows the strategy's order, as before; the connect timeout
+is checked by the server's timer (`expire`), not by a timer per attempt.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import trio
+
+from .reactor import Reactor
+from .session import ConnectError, UpstreamTarget, connect_error_reason, tune_stream_socket
+from .splice import close_socket
+from .upstreams import UpstreamRuntime
+
+log = logging.getLogger("splicerelay")
+
+CONNECT_INTEREST = select.EPOLLOUT
+
+
+def start_connect(target: UpstreamTarget) -> tuple[socket.socket, bool]:
+    """Open a non-blocking socket and start connecting; (socket, still in progress)."""
+    try:
+        sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as error:
+        # EMFILE/ENFILE: out of fds; a failed connect, not a crash of the session.
+        raise ConnectError(
+            "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
+        ) from None
+    try:
+        tune_stream_socket(sock)
+        sock.connect(target.sockaddr)
+    except BlockingIOError:
+        return sock, True  # EINPROGRESS: the handshake runs in the kernel
+    except OSError as error:
+        close_socket(sock, tracked=False)
+        raise ConnectError(connect_error_reason(error)) from None
+    return sock, False
+
+
+Connected = Callable[[socket.socket | None, UpstreamRuntime | None], None]
+
+
+class Connector:
+    """Tries the upstreams of `order` in turn until one accepts; then calls `done`.
+
+    `done(sock, upstream)` gets the connected socket, still registered in the reactor
+    for CONNECT_INTEREST (the caller takes the registration over), or (None, None) when
+    every attempt failed.
+    """
+
+    __slots__ = (
+        "_done",
+        "_errors",
+        "_order",
+        "_passive_health",
+        "_position",
+        "_reactor",
+        "_timeout",
+        "_upstreams",
+        "current",
+        "deadline",
+        "route_name",
+        "sock",
+        "started",
+    )
+
+    def __init__(
+        self,
+        upstreams: Sequence[UpstreamRuntime],
+        order: Sequence[int],
+        timeout: float,
+        passive_health: bool,
+        errors: Counter[tuple[str, str]],
+        reactor: Reactor,
+        route_name: str,
+        done: Connected,
+    ) -> None:
+        self._upstreams = upstreams
+        self._order = order
+        self._position = 0
+        self._timeout = timeout
+        self._passive_health = passive_health
+        self._errors = errors
+        self._reactor = reactor
+        self._done = done
+        self.route_name = route_name
+        self.sock: socket.socket | None = None  # the attempt in progress
+        self.current: UpstreamRuntime | None = None
+        self.started = 0.0
+        self.deadline = 0.0
+
+    def start(self, now: float) -> None:
+        """Begin with the strategy's first choice (`now` on trio's clock)."""
+        self._attempt_next(now)
+
+    def _attempt_next(self, now: float) -> None:
+        upstreams = self._upstreams
+        while self._position < len(self._order):
+            upstream = upstreams[self._order[self._position]]
+            self._position += 1
+            try:
+                sock, in_progress = start_connect(upstream.target)
+            except ConnectError as error:
+                self._failed(upstream, error.reason)
+                continue
+            self.current = upstream
+            self.started = now
+            self.sock = sock
+            self._reactor.set_interest(sock.fileno(), 0, CONNECT_INTEREST, self)
+            if not in_progress:
+                # Why this happens: a unix socket connects (or fails) within connect().
+                self._succeeded(now)
+                return
+            self.deadline = now + self._timeout
+            return
+        self._done(None, None)
+
+    def _succeeded(self, now: float) -> None:
+        upstream, sock = self.current, self.sock
+        assert upstream is not None and sock is not None
+        upstream.stats.connect_seconds.observe(now - self.started)
+        if self._passive_health and upstream.health.up:
+            upstream.mark(True)
+        self.sock = None
+        self._done(sock, upstream)
+
+    def _failed(self, upstream: UpstreamRuntime, reason: str) -> None:
+        self._errors[(upstream.target.label, reason)] += 1
+        if self._passive_health:
+            # Passive health: `fall` failed connects in a row mark it down until the
+            # active checks see it rise again.
+            upstream.mark(False)
+        log.debug(
+            "upstream connect failed",
+            extra={
+                "fields": {
+                    "route": self.route_name,
+                    "upstream": upstream.target.label,
+                    "reason": reason,
+                }
+            },
+        )
+
+    def _drop_attempt(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            self._reactor.set_interest(sock.fileno(), CONNECT_INTEREST, 0, self)
+            close_socket(sock, tracked=False)
+
+    # ----- reactor callbacks ----------------------------------------------------------
+
+    def on_ready(self, fd: int, events: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        now = trio.current_time()
+        if not status:
+            self._succeeded(now)
+            return
+        upstream = self.current
+        assert upstream is not None
+        self._drop_attempt()
+        self._failed(upstream, connect_error_reason(OSError(status, "")))
+        self._attempt_next(now)
+
+    def expire(self, now: float) -> None:
+        """Give up on an attempt past its deadline and fail over to the next one."""
+        if self.sock is None or now < self.deadline:
+            return
+        upstream = self.current
+        assert upstream is not None
+        self._drop_attempt()
+        self._failed(upstream, "timeout")
+        self._attempt_next(now)
+
+    def abort(self) -> None:
+        """Stop trying (the session is being stopped from outside)."""
+        self._drop_attempt()
+        self._position = len(self._order)
+
+    def retry(self) -> None:
+        """Connectors never wait for a resource; nothing to retry."""
+
+    def fail(self, error: BaseException) -> None:
+        self._drop_attempt()
+        self._position = len(self._order)
+        self._done(None, None)
