@@ -141,6 +141,10 @@ def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) ->
                 listener = listeners.take(route.name, route.listen)
             except (ListenError, ResolveError) as error:
                 raise StartupError(f"route {route.name}: {error}") from None
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                # Why on the listener: Linux copies TCP_NODELAY to every socket accept()
+                # returns, which saves a setsockopt per connection (see prepare_accepted).
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             runtimes.append(
                 RouteRuntime(
                     route=route,
@@ -336,17 +340,43 @@ class Relay:
 
     async def _accept_loop(self, runtime: RouteRuntime) -> None:
         listener = runtime.listener
+        slots = runtime.slots
         accepted = 0
         while True:
             # Why take a slot before accept(): at max_connections we stop taking
             # connections off the kernel's queue, so new clients wait in the backlog (as
             # with HAProxy) instead of being accepted and dropped.
-            await self._acquire_timed(runtime.slots, runtime.stats, is_global=False)
             try:
-                await self._wait_for_fd_headroom()
-                client, peer, global_slot = await self._accept_with_global_slot(runtime, listener)
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._acquire_timed(slots, runtime.stats, is_global=False)
+            try:
+                if self._fds_in_use() + FD_RESERVE > self._fd_limit:
+                    await self._wait_for_fd_headroom()
+                if self._global_slots is None:
+                    # The common case, without a coroutine per accept: try, and wait
+                    # for the listener only when its queue is empty.
+                    try:
+                        client, peer = listener.accept()
+                    except BlockingIOError:
+                        slots.release()
+                        await trio.lowlevel.wait_readable(listener)
+                        continue
+                    except OSError:
+                        client, peer, global_slot = await self._accept_with_global_slot(
+                            runtime, listener
+                        )
+                    else:
+                        global_slot = None
+                        if self._resource_warning_logged:
+                            self._resource_warning_logged = False
+                            log.info("accept resumed")
+                else:
+                    client, peer, global_slot = await self._accept_with_global_slot(
+                        runtime, listener
+                    )
             except BaseException:
-                runtime.slots.release()
+                slots.release()
                 raise
             # Registered now, not when its task first runs: a burst of accepts must see
             # the sessions it has already taken (for the fd estimate and for drain).
@@ -359,7 +389,7 @@ class Relay:
             self._start_session(runtime, session, endpoint)
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
-                await trio.lowlevel.checkpoint()  # let the new sessions run during a storm
+                await trio.lowlevel.checkpoint()  # let the reactor run during a storm
 
     def _fds_in_use(self) -> int:
         """An estimate of this process's open fds, without a syscall per accept."""
@@ -482,9 +512,9 @@ class Relay:
         if runtime.route.accept_proxy_protocol:
             assert self._session_nursery is not None
             session.tracked = True  # trio waits on the client socket for the header
+            session.cancel_scope = trio.CancelScope()
             self._session_nursery.start_soon(self._read_proxy_header, runtime, session, endpoint)
             return
-        session.cancel_scope = None
         self._set_up(runtime, session, endpoint, None)
 
     async def _read_proxy_header(

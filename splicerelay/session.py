@@ -86,9 +86,12 @@ def tune_stream_socket(sock: socket.socket) -> None:
 
 
 def prepare_accepted(sock: socket.socket) -> None:
-    """Make an accepted client socket ready for the data path."""
+    """Make an accepted client socket ready for the data path.
+
+    TCP_NODELAY is not set here: accepted sockets inherit it from the listener, which
+    prepare_routes sets it on.
+    """
     sock.setblocking(False)
-    tune_stream_socket(sock)
 
 
 async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
@@ -180,7 +183,8 @@ class Session:
         # costs an integer add per chunk rather than a timer per I/O call.
         self.seen_activity = 0
         self.idle_since = self.started
-        self.cancel_scope: trio.CancelScope | None = trio.CancelScope()
+        # Only a session that waits in a task (for a PROXY header) gets a cancel scope.
+        self.cancel_scope: trio.CancelScope | None = None
         # Set by whoever cancels the session from outside (idle sweeper, shutdown).
         self.closing_outcome: Outcome | None = None
         # What the server needs back when the session ends (slots, per-source count).
