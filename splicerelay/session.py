@@ -275,17 +275,19 @@ class Session:
             reader, writer = outbound, inbound
         else:
             reader, writer = inbound, outbound
+        reader_was, writer_was = reader.state, writer.state
         # Why HUP and ERR count as both: the flow that waits on this fd must look, and
         # its syscall reports the EOF or the error; fds nobody waits on are not in the set.
         if (
             events & _READABLE
-            and reader.state == WANT_READ
+            and reader_was == WANT_READ
             and not self._step(reader, eager=bool(events & _PEER_CLOSED))
         ):
             return
-        if events & _WRITABLE and writer.state == WANT_WRITE and not self._step(writer):
+        if events & _WRITABLE and writer_was == WANT_WRITE and not self._step(writer):
             return
-        self._settle()
+        if reader.state != reader_was or writer.state != writer_was:
+            self._settle()  # the common request/response case changes nothing: skip it
 
     def retry(self) -> None:
         """Out of fds earlier: try again to get the pipes."""
