@@ -12,14 +12,29 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__, logs
-from .addresses import AddressError, parse_address
-from .config import Config, ConfigError, config_from_args, load_config, render_config
-from .listeners import ListenerSet
+from .addresses import Address, AddressError, UnixAddress, parse_address
+from .config import (
+    Config,
+    ConfigError,
+    config_from_args,
+    load_config,
+    render_config,
+    worker_count,
+)
+from .listeners import ListenerSet, Role
 from .metrics import MetricsServer, make_registry
 from .server import Relay, RouteRuntime, StartupError, prepare_routes, session_record
 from .session import Outcome, Session
 from .stats import RelayStats
 from .systemd import Notifier, passed_sockets, watchdog_interval
+from .worker_env import (
+    CUT_SIGNAL,
+    RELOAD_RESULT_FIELD,
+    WorkerSetup,
+    die_with_parent,
+    inherited_sockets,
+    take_worker_setup,
+)
 
 log = logging.getLogger("splicerelay")
 access_log = logging.getLogger("splicerelay.access")
@@ -116,15 +131,38 @@ def load_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return config_from_args(args.listen, args.upstream)
 
 
-def configure_logs(args: argparse.Namespace, config: Config) -> None:
+def configure_logs(
+    args: argparse.Namespace, config: Config, worker: WorkerSetup | None = None
+) -> None:
     logs.configure(
         args.log_level or config.log.level,
         args.log_format or config.log.format,
         config.log.access_log,
     )
+    if worker is not None:
+        tag = WorkerTag(worker.slot)
+        for handler in (*log.handlers, *access_log.handlers):
+            handler.addFilter(tag)
+
+
+class WorkerTag(logging.Filter):
+    """Adds `worker` (the slot) to every line a worker process logs."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**getattr(record, "fields", {}), "worker": self.slot}
+        return True
 
 
 def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        worker = take_worker_setup()  # set when a supervisor started this process
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
     try:
         config = load_run_config(parser, args)
     except ConfigError as error:
@@ -132,8 +170,8 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         return 1
     if args.watch and not args.config:
         parser.error("--watch needs -c FILE")
-    configure_logs(args, config)
-    metrics_address = config.metrics.listen if args.config else None
+    configure_logs(args, config, worker)
+    metrics_address: Address | None = config.metrics.listen if args.config else None
     if args.metrics_listen:
         try:
             metrics_address = (
@@ -142,9 +180,22 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         except AddressError as error:
             print(f"--metrics-listen: {error}", file=sys.stderr)
             return 1
+    if isinstance(metrics_address, UnixAddress):
+        # (Only a worker serves metrics on a unix socket, for its supervisor.)
+        log.error(f"cannot serve metrics on {metrics_address}: it must be a TCP address")
+        return 1
+    if worker is None and args.config and worker_count(config.workers) > 1:
+        from .supervisor import run_supervisor
+
+        return run_supervisor(args, config, metrics_address)
 
     stats = RelayStats()
-    listeners = ListenerSet(passed_sockets())
+    if worker is None:
+        listeners = ListenerSet(passed_sockets())
+    else:
+        die_with_parent(worker.supervisor_pid)
+        listeners = ListenerSet(inherited_sockets(worker), role=Role.WORKER)
+        metrics_address = UnixAddress(worker.metrics_path)
     try:
         runtimes = prepare_routes(config, stats, listeners)
     except StartupError as error:
@@ -167,7 +218,7 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             return 1
         metrics_server.start()
     notifier = Notifier()
-    reloader = Reloader(args, relay, notifier)
+    reloader = Reloader(args, relay, notifier, worker)
     try:
         trio.run(serve_until_signalled, relay, notifier, reloader)
     finally:
@@ -191,11 +242,18 @@ def status_line(relay: Relay) -> str:
 class Reloader:
     """Re-reads the config file and applies it; one reload at a time."""
 
-    def __init__(self, args: argparse.Namespace, relay: Relay, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        relay: Relay,
+        notifier: Notifier,
+        worker: WorkerSetup | None = None,
+    ) -> None:
         self.args = args
         self.path: str | None = args.config
         self.relay = relay
         self.notifier = notifier
+        self.worker = worker
         self._lock = trio.Lock()
 
     async def reload(self, reason: str) -> None:
@@ -205,9 +263,11 @@ class Reloader:
         async with self._lock:
             self.notifier.reloading()
             reloads = self.relay.stats.config_reloads
+            result = "failure"
             try:
                 config = await trio.to_thread.run_sync(load_config, self.path)
-                if config.metrics != self.relay.config.metrics:
+                # (A worker's supervisor says this, once, for all of them.)
+                if config.metrics != self.relay.config.metrics and self.worker is None:
                     log.warning("metrics.listen changed: it takes effect at the next restart")
                 await self.relay.reload(config)
             except ConfigError as error:
@@ -224,9 +284,12 @@ class Reloader:
                 )
             else:
                 reloads["success"] += 1
-                configure_logs(self.args, config)
+                result = "success"
+                configure_logs(self.args, config, self.worker)
             finally:
-                self.notifier.ready(status_line(self.relay))
+                # A worker tells its supervisor how the reload went, which counts it.
+                extra = () if self.worker is None else (f"{RELOAD_RESULT_FIELD}={result}",)
+                self.notifier.ready(status_line(self.relay), *extra)
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Reload when the file changes; also when a ConfigMap swaps its symlink."""
@@ -267,9 +330,14 @@ async def keep_service_manager_informed(relay: Relay, notifier: Notifier) -> Non
 async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Reloader) -> None:
     """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short.
 
-    SIGHUP reloads the config file.
+    SIGHUP reloads the config file. A worker process takes its cue for cutting the drain
+    short from its supervisor (CUT_SIGNAL) only; a repeated SIGTERM does nothing more.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    worker = reloader.worker
+    watched: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    if worker is not None:
+        watched += (CUT_SIGNAL,)
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -279,7 +347,7 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
             await nursery.start(serve)
             notifier.ready(status_line(relay))
             log.info(
-                "ready",
+                "ready" if worker is None else "worker ready",
                 extra={
                     "fields": {
                         "version": __version__,
@@ -298,11 +366,17 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
                     if not stopping:
                         await reloader.reload("SIGHUP")
                     continue
+                if signum == CUT_SIGNAL and worker is not None:
+                    log.info("told to close all connections now")
+                    relay.begin_shutdown()
+                    relay.stop_all_sessions()
+                    stopping = True
+                    continue
                 if not stopping:
                     stopping = True
                     log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
                     notifier.stopping(f"draining {status_line(relay)}")
                     relay.begin_shutdown()
-                else:
+                elif worker is None:
                     log.info("second signal: closing all connections now")
                     relay.stop_all_sessions()

@@ -12,11 +12,12 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final, Literal
 
 import yaml
 
@@ -70,6 +71,8 @@ MAX_GLOBAL_CONNECTIONS_LIMIT = 10_000_000
 MAX_WEIGHT = 1000
 MAX_CONNECT_ATTEMPTS_LIMIT = 100
 MAX_HEALTH_COUNT = 100
+MAX_WORKERS = 1024
+WORKERS_AUTO: Final = "auto"
 
 BALANCE_STRATEGIES = ("round_robin", "least_connections", "random", "source_hash")
 PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
@@ -189,13 +192,28 @@ class LogConfig:
     access_log: bool = True
 
 
+Workers = int | Literal["auto"]
+
+
+def worker_count(workers: Workers) -> int:
+    """The number of relay processes `workers` asks for: "auto" is one per usable core.
+
+    Why sched_getaffinity and not os.cpu_count(): a container or `taskset` may confine the
+    process to fewer cores than the machine has, and more workers than cores only adds
+    context switches."""
+    if isinstance(workers, int):
+        return workers
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration, and the file it came from.
 
-    `max_connections` caps the connections of all routes together; None is no such cap."""
+    `max_connections` caps the connections of all routes together; None is no such cap.
+    `workers` is a process count, or "auto" for one per usable core (see worker_count)."""
 
-    workers: int
+    workers: Workers
     shutdown_timeout: float
     metrics: MetricsConfig
     log: LogConfig
@@ -665,19 +683,18 @@ class _Reader:
             max_connections=max_connections,
         )
 
-    def workers(self, node: yaml.Node) -> int | None:
+    def workers(self, node: yaml.Node) -> Workers | None:
         if _is_scalar(node, _INT):
             count = self.integer(node, "workers", -(1 << 62), 1 << 62)
             if count is not None and count < 1:
                 self.report(node, "workers", f"{count}: must be at least 1")
                 return None
-            if count is not None and count > 1:
-                self.report(node, "workers", f"{count}: not supported yet (only 1 for now)")
+            if count is not None and count > MAX_WORKERS:
+                self.report(node, "workers", f"{count}: at most {MAX_WORKERS} processes")
                 return None
             return count
-        if _is_scalar(node, _STR) and node.value == "auto":
-            self.report(node, "workers", "'auto': not supported yet (only 1 for now)")
-            return None
+        if _is_scalar(node, _STR) and node.value == WORKERS_AUTO:
+            return WORKERS_AUTO
         self.report(node, "workers", f"expected an integer or 'auto', got {_describe(node)}")
         return None
 

@@ -8,7 +8,10 @@ and it only reads counters, copying each dict in one C call before iterating it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .addresses import Address, TcpAddress
+from .addresses import Address, TcpAddress, UnixAddress
 from .session import Outcome
 from .stats import Histogram, RelayStats, RouteStats
 
@@ -206,7 +209,11 @@ def make_app(
 
 
 class MetricsServer:
-    """The /metrics endpoint, served from a daemon thread."""
+    """The /metrics endpoint, served from a daemon thread.
+
+    On a TCP address for Prometheus; on a unix address for a worker process, whose
+    supervisor scrapes it and serves the sum (see worker_scrape.py).
+    """
 
     def __init__(
         self,
@@ -214,38 +221,16 @@ class MetricsServer:
         registry: CollectorRegistry,
         is_ready: Callable[[], bool] = lambda: True,
     ) -> None:
-        if not isinstance(address, TcpAddress):
+        app = make_app(registry, is_ready)
+        self._server: WSGIServer
+        if isinstance(address, UnixAddress):
+            self._server = _unix_server(address.path, app)
+            self.port = 0
+        elif isinstance(address, TcpAddress):
+            self._server = _tcp_server(address, app)
+            self.port = self._server.server_address[1]
+        else:
             raise OSError(f"metrics.listen must be a TCP address, not {address}")
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-
-        class Server(WSGIServer):
-            address_family = family
-            daemon_threads = True
-            allow_reuse_address = True
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                # One short-lived thread per scrape, like socketserver.ThreadingMixIn.
-                thread = threading.Thread(
-                    target=self._serve_one, args=(request, client_address), daemon=True
-                )
-                thread.start()
-
-            def _serve_one(self, request: Any, client_address: Any) -> None:
-                try:
-                    self.finish_request(request, client_address)
-                except Exception:
-                    self.handle_error(request, client_address)
-                finally:
-                    self.shutdown_request(request)
-
-        self._server = make_server(
-            address.host,
-            address.port,
-            make_app(registry, is_ready),
-            server_class=Server,
-            handler_class=_QuietHandler,
-        )
-        self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.1,), name="metrics", daemon=True
         )
@@ -257,3 +242,61 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _ThreadPerRequest(WSGIServer):
+    """One short-lived thread per scrape, like socketserver.ThreadingMixIn."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._serve_one, args=(request, client_address), daemon=True
+        )
+        thread.start()
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
+def _tcp_server(address: TcpAddress, app: Callable[..., Any]) -> WSGIServer:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+
+    class Server(_ThreadPerRequest):
+        address_family = family
+
+    return make_server(
+        address.host, address.port, app, server_class=Server, handler_class=_QuietHandler
+    )
+
+
+class _UnixServer(_ThreadPerRequest):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        # Why not HTTPServer.server_bind: it takes (host, port) from the address and
+        # looks the host up with getfqdn(); a unix socket has a path and no host.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "localhost"
+        self.server_port = 0
+        self.setup_environ()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # Why a made-up peer: accept() on a unix socket gives an empty address, and the
+        # WSGI handler reads client_address[0] for REMOTE_ADDR.
+        connection, _ = self.socket.accept()
+        return connection, ("unix", 0)
+
+
+def _unix_server(path: str, app: Callable[..., Any]) -> WSGIServer:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by an earlier process of the same worker slot
+    server = _UnixServer(path, _QuietHandler)  # type: ignore[arg-type]
+    server.set_app(app)
+    return server

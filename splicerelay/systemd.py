@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -41,8 +42,8 @@ class Notifier:
         with contextlib.suppress(OSError):
             self._socket.sendto("\n".join(assignments).encode(), self._address)
 
-    def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}")
+    def ready(self, status: str, *extra: str) -> None:
+        self.send("READY=1", f"STATUS={status}", *extra)
 
     def reloading(self) -> None:
         # Why MONOTONIC_USEC: with Type=notify-reload, systemd matches this message to the
@@ -65,6 +66,66 @@ class Notifier:
             self._socket = None
 
 
+# What one message may hold; sd_notify messages are a few short lines.
+NOTIFY_MESSAGE_SIZE = 4096
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class NotifyMessage:
+    """One sd_notify datagram, and the process that sent it."""
+
+    pid: int
+    fields: dict[str, str]
+
+
+def parse_notify(data: bytes) -> dict[str, str]:
+    """`KEY=VALUE` lines as a dict; lines without `=` are ignored, as systemd does."""
+    text = data.decode("utf-8", errors="replace")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+class NotifyReceiver:
+    """The service manager's end of NOTIFY_SOCKET, for a supervisor of worker processes.
+
+    A non-blocking AF_UNIX datagram socket bound at `path`. Why SO_PASSCRED: like systemd,
+    it tells senders apart by the pid the kernel attaches to each datagram, which a
+    sender cannot forge, instead of trusting what the message says.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._socket.bind(path)
+        self._socket.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def receive(self) -> NotifyMessage | None:
+        """The next message, or None when none is waiting."""
+        while True:
+            try:
+                data, ancillary, _flags, _address = self._socket.recvmsg(
+                    NOTIFY_MESSAGE_SIZE, socket.CMSG_SPACE(_CREDENTIALS.size)
+                )
+            except (BlockingIOError, InterruptedError):
+                return None
+            pid = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
+            if pid:
+                return NotifyMessage(pid, parse_notify(data))
+            # No credentials: cannot tell who sent it; drop it, as systemd does.
+
+    def close(self) -> None:
+        self._socket.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when off."""
     environ = environ if environ is not None else dict(os.environ)
@@ -83,6 +144,9 @@ class PassedSocket:
 
     sock: socket.socket
     name: str  # from LISTEN_FDNAMES; "unknown" when unnamed
+    # Kept open when no route uses it (the service manager owns it and may pass it again);
+    # False for a worker's copy of a listener that its supervisor bound for a route.
+    kept: bool = True
 
 
 def passed_sockets(environ: dict[str, str] | None = None, unset: bool = True) -> list[PassedSocket]:

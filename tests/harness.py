@@ -61,6 +61,32 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS line")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process `pid` (e.g. a supervisor's workers), from /proc."""
+    children: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return children
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children") as file:
+                children += [int(child) for child in file.read().split()]
+        except FileNotFoundError:
+            continue
+    return sorted(set(children))
+
+
+def is_running(pid: int) -> bool:
+    """Does process `pid` exist and not yet reaped as a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
 @dataclass
 class Metrics:
     """One scrape of /metrics: samples by name and labels."""

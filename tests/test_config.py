@@ -775,13 +775,13 @@ BAD_CONFIGS = {
         MINIMAL + "    max_connections: 1000001\n",
         "relay.yaml:6: routes[0].max_connections: 1000001 is out of range (1 to 1000000)",
     ),
-    "workers auto": (
-        "workers: auto\n" + MINIMAL,
-        "relay.yaml:1: workers: 'auto': not supported yet (only 1 for now)",
+    "workers too many": (
+        "workers: 1025\n" + MINIMAL,
+        "relay.yaml:1: workers: 1025: at most 1024 processes",
     ),
-    "workers 4": (
-        "workers: 4\n" + MINIMAL,
-        "relay.yaml:1: workers: 4: not supported yet (only 1 for now)",
+    "workers unknown word": (
+        "workers: many\n" + MINIMAL,
+        "relay.yaml:1: workers: expected an integer or 'auto', got a string ('many')",
     ),
     "workers 0": ("workers: 0\n" + MINIMAL, "relay.yaml:1: workers: 0: must be at least 1"),
     "balance wrong type": (
@@ -1055,7 +1055,7 @@ def test_one_mistake_gives_exactly_one_error_line(case: str) -> None:
 
 def test_every_problem_in_a_file_is_reported_in_line_order() -> None:
     text = """\
-workers: 2
+workers: 0
 routes:
   - name: web
     listen: 127.0.0.1:80
@@ -1067,7 +1067,7 @@ routes:
     colour: blue
 """
     assert errors_of(text) == [
-        "relay.yaml:1: workers: 2: not supported yet (only 1 for now)",
+        "relay.yaml:1: workers: 0: must be at least 1",
         "relay.yaml:6: routes[0].upstreams[0].address: bad address 'nowhere': missing port"
         " (expected host:port, [v6]:port or unix:/path)",
         "relay.yaml:7: routes[0].idle_timeout: bad duration 'forever':"
