@@ -44,6 +44,7 @@ async def test_256_mib_each_way_at_once_arrives_intact_and_all_spliced(relay_fac
     size = 256 * MiB
     upstream_saw: dict[str, Transfer] = {}
     client_saw: dict[str, Transfer] = {}
+    upstream_done = trio.Event()
 
     async def upstream(stream: trio.SocketStream) -> None:
         async def send() -> None:
@@ -57,6 +58,7 @@ async def test_256_mib_each_way_at_once_arrives_intact_and_all_spliced(relay_fac
             nursery.start_soon(send)
             nursery.start_soon(receive)
         await stream.aclose()
+        upstream_done.set()
 
     async with trio.open_nursery() as nursery:
         upstream_port = await start_server(nursery, upstream)
@@ -75,6 +77,9 @@ async def test_256_mib_each_way_at_once_arrives_intact_and_all_spliced(relay_fac
             transfer.start_soon(send)
             transfer.start_soon(receive)
         await stream.aclose()
+        # The client's side ending says nothing of the other direction: wait for it too.
+        with trio.fail_after(30):
+            await upstream_done.wait()
         nursery.cancel_scope.cancel()
 
     assert client_saw["sent"] == expected_transfer(1, size)
