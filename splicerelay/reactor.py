@@ -25,7 +25,6 @@ log = logging.getLogger("splicerelay")
 
 MAX_EVENTS = 256  # readiness events taken per round; the rest wait for the next one
 RETRY_SECONDS = 0.05  # how often handlers that wait for a resource are retried
-EXTRA_POLLS = 2  # polls after a round that found events, before yielding to trio
 
 
 class Handler(Protocol):
@@ -100,18 +99,13 @@ class Reactor:
                         self._run_retries()
                 else:
                     await wait_readable(epoll)
-                # Why poll again before going back to trio: the replies to what this
-                # round forwarded are often already there, and a poll(0) is one syscall
-                # where a trip through trio's scheduler is an epoll re-arm and a wait.
-                for _ in range(EXTRA_POLLS + 1):
-                    if not self._dispatch(epoll.poll(0, MAX_EVENTS), handlers):
-                        break
+                self._dispatch(epoll.poll(0, MAX_EVENTS), handlers)
         finally:
             trio.lowlevel.notify_closing(epoll)
             epoll.close()
 
-    def _dispatch(self, ready: list[tuple[int, int]], handlers: dict[int, Handler]) -> int:
-        """Call the handler of every ready fd; the number of events."""
+    def _dispatch(self, ready: list[tuple[int, int]], handlers: dict[int, Handler]) -> None:
+        """Call the handler of every ready fd."""
         added = self._added_this_round
         self._dispatching = True
         try:
@@ -133,7 +127,6 @@ class Reactor:
         finally:
             self._dispatching = False
             added.clear()
-        return len(ready)
 
     def _run_retries(self) -> None:
         waiting = list(self._retry)
