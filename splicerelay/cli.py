@@ -17,6 +17,7 @@ from .config import (
     Config,
     ConfigError,
     config_from_args,
+    file_identity,
     load_config,
     render_config,
     worker_count,
@@ -301,15 +302,6 @@ class Reloader:
             if current != seen and current is not None:
                 seen = current
                 await self.reload("file changed")
-
-
-def file_identity(path: str) -> tuple[int, int, int, int] | None:
-    """What changes when a file is rewritten or replaced (stat follows symlinks)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 async def keep_service_manager_informed(relay: Relay, notifier: Notifier) -> None:

@@ -1054,8 +1054,8 @@ def parse_config(text: str, filename: str) -> Config:
     return config
 
 
-def load_config(path: str) -> Config:
-    """Read and validate the config file at `path`."""
+def read_config(path: str) -> tuple[Config, str]:
+    """The validated config at `path`, and the text it was read from."""
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -1063,7 +1063,21 @@ def load_config(path: str) -> Config:
         raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
     except UnicodeDecodeError as error:
         raise ConfigError([f"{path}: cannot read: not UTF-8 text (byte {error.start})"]) from None
-    return parse_config(text, path)
+    return parse_config(text, path), text
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the config file at `path`."""
+    return read_config(path)[0]
+
+
+def file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or replaced (stat follows symlinks)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def config_from_args(listen: str, upstreams: list[str]) -> Config:

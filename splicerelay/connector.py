@@ -10,7 +10,6 @@ is checked by the server's timer (`expire`), not by a timer per attempt.
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
@@ -20,33 +19,13 @@ from collections.abc import Callable, Sequence
 import trio
 
 from .reactor import Reactor
-from .session import ConnectError, UpstreamTarget, connect_error_reason, tune_stream_socket
+from .session import ConnectError, connect_error_reason, start_connect
 from .splice import close_socket
 from .upstreams import UpstreamRuntime
 
 log = logging.getLogger("splicerelay")
 
 CONNECT_INTEREST = select.EPOLLOUT
-
-
-def start_connect(target: UpstreamTarget) -> tuple[socket.socket, bool]:
-    """Open a non-blocking socket and start connecting; (socket, still in progress)."""
-    try:
-        sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    except OSError as error:
-        # EMFILE/ENFILE: out of fds; a failed connect, not a crash of the session.
-        raise ConnectError(
-            "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
-        ) from None
-    try:
-        tune_stream_socket(sock)
-        sock.connect(target.sockaddr)
-    except BlockingIOError:
-        return sock, True  # EINPROGRESS: the handshake runs in the kernel
-    except OSError as error:
-        close_socket(sock, tracked=False)
-        raise ConnectError(connect_error_reason(error)) from None
-    return sock, False
 
 
 Connected = Callable[[socket.socket | None, UpstreamRuntime | None], None]

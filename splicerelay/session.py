@@ -94,23 +94,38 @@ def prepare_accepted(sock: socket.socket) -> None:
     sock.setblocking(False)
 
 
-async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
-    """Open a non-blocking stream socket to `target` within `timeout` seconds, in a task.
+def start_connect(target: UpstreamTarget) -> tuple[socket.socket, bool]:
+    """Open a non-blocking socket and start connecting; (socket, still in progress).
 
-    Health checks use this; relayed connections connect in the reactor (connector.py).
+    Raises ConnectError; never leaves a socket open behind it.
     """
     try:
         sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as error:
+        # EMFILE/ENFILE: out of fds; a failed connect, not a crash of the session.
         raise ConnectError(
             "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
         ) from None
     try:
         tune_stream_socket(sock)
-        try:
-            sock.connect(target.sockaddr)
-        except BlockingIOError:
-            # EINPROGRESS: the handshake runs in the kernel; writable means it ended.
+        sock.connect(target.sockaddr)
+    except BlockingIOError:
+        return sock, True  # EINPROGRESS: the handshake runs in the kernel
+    except OSError as error:
+        close_socket(sock, tracked=False)
+        raise ConnectError(connect_error_reason(error)) from None
+    return sock, False
+
+
+async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
+    """Connect to `target` within `timeout` seconds, waiting in a task.
+
+    Health checks use this; relayed connections connect in the reactor (connector.py).
+    """
+    sock, in_progress = start_connect(target)
+    try:
+        if in_progress:
+            # Writable means the handshake ended; SO_ERROR says how.
             with trio.move_on_after(timeout) as deadline:
                 await trio.lowlevel.wait_writable(sock)
             if deadline.cancelled_caught:
@@ -118,8 +133,6 @@ async def connect(target: UpstreamTarget, timeout: float) -> socket.socket:
             status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if status:
                 raise ConnectError(connect_error_reason(OSError(status, ""))) from None
-        except OSError as error:
-            raise ConnectError(connect_error_reason(error)) from None
     except BaseException:
         close_socket(sock)
         raise

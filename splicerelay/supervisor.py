@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, logs
 from .addresses import Address, UnixAddress
-from .config import Config, ConfigError, parse_config, worker_count
+from .config import Config, ConfigError, file_identity, read_config, worker_count
 from .listeners import ListenError, ListenerSet, Role
 from .merged_metrics import Exposition, counter_family, gauge_family
 from .metrics import MetricsServer
@@ -124,27 +124,6 @@ def status_line(connections: int, workers: int) -> str:
         f"{connections} connection{'' if connections == 1 else 's'}"
         f" in {workers} worker{'' if workers == 1 else 's'}"
     )
-
-
-def read_config(path: str) -> tuple[Config, str]:
-    """The validated config at `path`, and the text it was read from."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as error:
-        raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
-    except UnicodeDecodeError as error:
-        raise ConfigError([f"{path}: cannot read: not UTF-8 text (byte {error.start})"]) from None
-    return parse_config(text, path), text
-
-
-def file_identity(path: str) -> tuple[int, int, int, int] | None:
-    """What changes when a file is rewritten or replaced (stat follows symlinks)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def runtime_directory() -> str:
