@@ -323,7 +323,7 @@ async def test_unprivileged_past_pipe_user_pages_soft_stays_intact_and_spliced(r
     relay must keep going with them: everything arrives intact, the refusals are
     counted, and every byte is still spliced.
 
-    A pump holds a pipe only while its destination is full, so the upstream does not
+    A flow holds a pipe only while its destination is full, so the upstream does not
     read until every transfer has filled its pipe. The upstream listens on a unix
     socket: loopback TCP grows the relay's send buffer to tcp_wmem's 4 MiB, which would
     swallow a whole 2 MiB transfer, while a unix socket's send buffer stays at
