@@ -573,7 +573,9 @@ class Relay:
             self._finish(session, outcome)
 
     def _finish(self, session: Session, outcome: Outcome) -> None:
-        """Count, close and forget a connection; called exactly once for each."""
+        """Count, close and forget a connection, once: a later call is a no-op."""
+        if session not in self._sessions:
+            return  # only on a path where a bug was already logged
         runtime = session.owner
         assert isinstance(runtime, RouteRuntime)
         # Counted before the sockets close: whoever sees the connection end can
