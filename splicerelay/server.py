@@ -340,6 +340,7 @@ class Relay:
 
     async def _accept_loop(self, runtime: RouteRuntime) -> None:
         listener = runtime.listener
+        family = listener.family  # a property that converts to an enum: ask once
         slots = runtime.slots
         accepted = 0
         while True:
@@ -380,7 +381,7 @@ class Relay:
                 raise
             # Registered now, not when its task first runs: a burst of accepts must see
             # the sessions it has already taken (for the fd estimate and for drain).
-            endpoint = endpoint_of(client.family, peer)
+            endpoint = endpoint_of(family, peer)
             session = Session(client, format_endpoint(endpoint))
             self._sessions[session] = runtime
             runtime.stats.active += 1

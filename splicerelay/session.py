@@ -78,8 +78,11 @@ def connect_error_reason(error: OSError) -> str:
     return "error"
 
 
-def tune_stream_socket(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def tune_stream_socket(sock: socket.socket, family: int) -> None:
+    if family in INET_FAMILIES:
         # Why: a relay must not add Nagle's delay to small writes it forwards; the
         # endpoints already decided how to batch their own bytes.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -107,13 +110,16 @@ def start_connect(target: UpstreamTarget) -> tuple[socket.socket, bool]:
             "no_socket" if error.errno in (errno.EMFILE, errno.ENFILE) else "error"
         ) from None
     try:
-        tune_stream_socket(sock)
-        sock.connect(target.sockaddr)
-    except BlockingIOError:
-        return sock, True  # EINPROGRESS: the handshake runs in the kernel
+        tune_stream_socket(sock, target.family)
+        # connect_ex: the usual EINPROGRESS comes back as a number, not an exception.
+        status = sock.connect_ex(target.sockaddr)
     except OSError as error:
+        status = error.errno or errno.EINVAL
+    if status == errno.EINPROGRESS:
+        return sock, True  # the handshake runs in the kernel
+    if status:
         close_socket(sock, tracked=False)
-        raise ConnectError(connect_error_reason(error)) from None
+        raise ConnectError(connect_error_reason(OSError(status, ""))) from None
     return sock, False
 
 
