@@ -31,6 +31,10 @@ CONNECT_INTEREST = select.EPOLLOUT
 Connected = Callable[[socket.socket | None, UpstreamRuntime | None], None]
 
 
+def _already_done(sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+    """What a connector calls once it has reported: nothing."""
+
+
 class Connector:
     """Tries the upstreams of `order` in turn until one accepts; then calls `done`.
 
@@ -104,7 +108,7 @@ class Connector:
                 return
             self.deadline = now + self._timeout
             return
-        self._done(None, None)
+        self._finish(None, None)
 
     def _succeeded(self, now: float) -> None:
         upstream, sock = self.current, self.sock
@@ -113,7 +117,7 @@ class Connector:
         if self._passive_health and upstream.health.up:
             upstream.mark(True)
         self.sock = None
-        self._done(sock, upstream)
+        self._finish(sock, upstream)
 
     def _failed(self, upstream: UpstreamRuntime, reason: str) -> None:
         self._errors[(upstream.target.label, reason)] += 1
@@ -138,6 +142,13 @@ class Connector:
             self.sock = None
             self._reactor.set_interest(sock.fileno(), CONNECT_INTEREST, 0, self)
             close_socket(sock, tracked=False)
+
+    def _finish(self, sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+        done = self._done
+        # Why let go of the callback: it is a closure that refers to this connector, and
+        # a cycle would leave both for the garbage collector instead of freeing them now.
+        self._done = _already_done
+        done(sock, upstream)
 
     # ----- reactor callbacks ----------------------------------------------------------
 
@@ -176,4 +187,4 @@ class Connector:
     def fail(self, error: BaseException) -> None:
         self._drop_attempt()
         self._position = len(self._order)
-        self._done(None, None)
+        self._finish(None, None)

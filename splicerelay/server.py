@@ -634,6 +634,7 @@ class Relay:
 
         def connected(sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
             self._connecting.discard(connector)
+            session.on_stop = None  # the closure below refers to the session: no cycle
             if sock is None or upstream is None:
                 self._finish(session, Outcome.CONNECT_FAILED)
                 return

@@ -371,6 +371,9 @@ class Session:
         reactor.forget(self)
         outbound.release_pipe()
         inbound.release_pipe()
+        # Why: the two flows refer to each other; without this the pair waits for the
+        # garbage collector instead of going when the session does.
+        outbound.reverse = inbound.reverse = None
         on_finish(self, outcome)
 
     def close(self, outcome: Outcome) -> None:
