@@ -78,6 +78,15 @@ class Reactor:
         """Stop dispatching `fd`, which its owner is about to close (see Session._end)."""
         del self._handlers[fd]
 
+    def discard(self, fds: tuple[int, ...], handler: Handler) -> None:
+        """Forget `fds` (about to be closed) and `handler`'s retry, where present.
+
+        For the unexpected-error path only, where what is registered is not known.
+        """
+        for fd in fds:
+            self._handlers.pop(fd, None)
+        self._retry.discard(handler)
+
     def retry_later(self, handler: Handler) -> None:
         if not self._retry:
             self._next_retry = trio.current_time() + RETRY_SECONDS

@@ -263,7 +263,13 @@ class Relay:
     async def reload(self, config: Config) -> None:
         """Apply `config` to new connections; raise StartupError and change nothing if
         a route cannot start (a new port in use, a name that does not resolve)."""
+        if self._stop_requested.is_set():
+            raise StartupError("the relay is shutting down")
         runtimes = await trio.to_thread.run_sync(prepare_routes, config, self.stats, self.listeners)
+        if self._stop_requested.is_set():
+            # Shutdown began while the new listeners were being bound: the routes can no
+            # longer start; the listeners close with the rest at the end of the drain.
+            raise StartupError("the relay is shutting down")
         old = self.runtimes
         previous = {runtime.route.name: runtime for runtime in old}
         for runtime in runtimes:
@@ -527,6 +533,9 @@ class Relay:
         try:
             assert session.cancel_scope is not None
             with session.cancel_scope:
+                # Why a checkpoint first: a header already buffered is read without one,
+                # and a stop() that came before this task ran must still end it.
+                await trio.lowlevel.checkpoint()
                 header = await receive_proxy_header(session.client, route.proxy_protocol_timeout)
             if header is None:
                 outcome = session.closing_outcome or Outcome.SHUTDOWN
@@ -642,7 +651,14 @@ class Relay:
             session.upstream_stats = upstream.stats
             session.upstream_label = upstream.target.label
             session.upstream = sock
-            self._relay(runtime, session, sock, source, destination)
+            try:
+                self._relay(runtime, session, sock, source, destination)
+            except Exception:
+                # A bug, not a peer's doing. The connector has already reported, so the
+                # reactor's own safety net cannot end this session: end it here.
+                log.exception("session failed unexpectedly")
+                self.reactor.discard((session.client.fileno(), sock.fileno()), session)
+                self._finish(session, Outcome.UPSTREAM_RESET)
 
         connector = Connector(
             runtime.upstreams,

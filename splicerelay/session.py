@@ -300,7 +300,9 @@ class Session:
         if (
             events & _READABLE
             and reader_was == WANT_READ
-            and not self._step(reader, eager=bool(events & _PEER_CLOSED))
+            and not self._step(
+                reader, eager=bool(events & _PEER_CLOSED), readable=bool(events & select.EPOLLIN)
+            )
         ):
             return
         if events & _WRITABLE and writer_was == WANT_WRITE and not self._step(writer):
@@ -318,10 +320,10 @@ class Session:
     def fail(self, error: BaseException) -> None:
         self._end(Outcome.UPSTREAM_RESET)
 
-    def _step(self, flow: Flow, eager: bool = False) -> bool:
+    def _step(self, flow: Flow, eager: bool = False, readable: bool = False) -> bool:
         """Advance one flow; False when that ended the session."""
         try:
-            flow.step(eager)
+            flow.step(eager, readable)
         except ReadError:
             self._end(Outcome.CLIENT_RESET if flow is self.outbound else Outcome.UPSTREAM_RESET)
             return False

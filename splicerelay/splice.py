@@ -155,6 +155,16 @@ class PipePool:
 
 
 TCP_CLOSE = 7  # include/net/tcp_states.h
+SIOCATMARK = 0x8905  # include/uapi/asm-generic/sockios.h: sockatmark(3)
+
+
+def at_urgent_mark(fd: int) -> bool:
+    """Is the next byte to read from socket `fd` TCP urgent data (see _splice_step)?"""
+    try:
+        answer = fcntl.ioctl(fd, SIOCATMARK, b"\0\0\0\0")
+    except OSError:
+        return False  # not a TCP socket
+    return answer != b"\0\0\0\0"
 
 
 def was_reset(sock: socket.socket) -> bool:
@@ -251,11 +261,12 @@ class Flow:
         self.started = False  # a first chunk has moved (splice is known to work)
         self.reverse: Flow | None = None  # the other direction of the same connection
 
-    def step(self, eager: bool = False) -> int:
+    def step(self, eager: bool = False, readable: bool = False) -> int:
         """Move what can be moved now. `eager`: read on until EAGAIN or EOF even after a
-        read that did not fill the pipe (the peer's FIN is known to be waiting)."""
+        read that did not fill the pipe (the peer's FIN is known to be waiting).
+        `readable`: epoll has just said the source is readable."""
         if self.use_splice:
-            self.state = self._splice_step(eager)
+            self.state = self._splice_step(eager, readable)
         else:
             self.state = self._copy_step(eager)
         return self.state
@@ -284,7 +295,9 @@ class Flow:
             raise WriteError(error) from None
         return DONE
 
-    def _splice_step(self, eager: bool) -> int:
+    def _splice_step(self, eager: bool, readable: bool) -> int:
+        if self.pending and not self._send_pending():
+            return WANT_WRITE  # bytes a copy step (below) could not send yet
         pool = self._pool
         size = self._pipe_size
         counter = self._counter
@@ -307,6 +320,12 @@ class Flow:
                 except BlockingIOError:
                     # The pipe is empty, so EAGAIN means the socket is: give the pipe back.
                     pool.release(pipe, size, 0)
+                    if readable and at_urgent_mark(self.src_fd):
+                        # Why: splice(2) from TCP stops at an urgent (MSG_OOB) mark and
+                        # says EAGAIN while the socket still polls readable, which would
+                        # stall the stream and spin the loop. recv() steps over the mark
+                        # (dropping the urgent byte, as every recv-based proxy does).
+                        return self._copy_step(eager)
                     return WANT_READ
                 except OSError as error:
                     pool.release(pipe, size, 0)

@@ -865,3 +865,41 @@ async def test_client_reset_behind_a_stalled_upload_is_passed_on_as_a_reset(rela
     assert how == "reset", f"the upstream saw a clean EOF after {received} bytes"
     await wait_for_outcomes(relay, {"client_reset": 1})
     await settle(relay)
+
+
+# ----- 8. urgent data ------------------------------------------------------------------
+
+
+async def test_urgent_data_neither_stalls_the_stream_nor_spins_the_relay(relay_factory):
+    """splice(2) from TCP stops at an urgent (MSG_OOB) mark and says EAGAIN while the
+    socket still polls readable: the relay must step over the mark (dropping the urgent
+    byte, as a recv-based proxy does) rather than stall the stream and spin on it."""
+    got: dict[str, bytes] = {}
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        got["upstream"] = await read_to_end(stream)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server(nursery, upstream)
+        listen_port = free_port()
+        relay = await relay_factory.astart(
+            relay_config(route("urgent", listen_port, [(upstream_port, 1)]))
+        )
+        with trio.fail_after(15):
+            client = trio.socket.socket()
+            await client.connect(("127.0.0.1", listen_port))
+            await client.send(b"abc")
+            await trio.sleep(0.2)
+            await client.send(b"!", socket.MSG_OOB)
+            await trio.sleep(0.1)
+            await client.send(b"def")
+            await assert_relay_idles(relay, "after urgent data")
+            client.shutdown(socket.SHUT_WR)
+            await wait_for_key(got, "upstream")
+            client.close()
+        nursery.cancel_scope.cancel()
+
+    assert got["upstream"] == b"abcdef"
+    await wait_for_outcomes(relay, {"completed": 1})
+    await settle(relay)
