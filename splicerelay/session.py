@@ -156,6 +156,9 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 FinishCallback = Callable[["Session", Outcome], None]
 
+# Outcomes where the relay itself ends a connection that might still carry bytes.
+CUT_OUTCOMES = frozenset({Outcome.IDLE_TIMEOUT, Outcome.MAX_DURATION, Outcome.SHUTDOWN})
+
 
 class Session:
     """A relayed connection: its sockets, its two flows, and how it is stopped.
@@ -173,6 +176,8 @@ class Session:
         "client_address",
         "client_interest",
         "closing_outcome",
+        "cut_client",
+        "cut_upstream",
         "global_slot",
         "idle_since",
         "inbound",
@@ -216,6 +221,10 @@ class Session:
         self.on_finish: FinishCallback | None = None
         self.client_interest = 0
         self.upstream_interest = 0
+        # Set when the session is cut (idle timeout, max duration, shutdown) with bytes
+        # still on their way to that side: it gets a reset, not a FIN (see _end).
+        self.cut_client = False
+        self.cut_upstream = False
         # While connecting without a task: how to stop (see Connector.abort).
         self.on_stop: Callable[[Outcome], None] | None = None
         # Has trio itself waited on the client socket (reading a PROXY header)? Only then
@@ -371,6 +380,12 @@ class Session:
             reactor.forget_fd(inbound.src_fd)
         self.client_interest = self.upstream_interest = 0
         reactor.forget(self)
+        if outcome in CUT_OUTCOMES:
+            # Why: bytes still in a pipe or unread in the source are dropped here, and a
+            # FIN would make the truncated stream look complete to the side that misses
+            # them.
+            self.cut_upstream = outbound.is_dropping_bytes()
+            self.cut_client = inbound.is_dropping_bytes()
         outbound.release_pipe()
         inbound.release_pipe()
         # Why: the two flows refer to each other; without this the pair waits for the
@@ -381,13 +396,13 @@ class Session:
     def close(self, outcome: Outcome) -> None:
         """Close both sockets; after a failure, pass a reset on instead of a clean EOF."""
         upstream = self.upstream
-        if outcome is Outcome.UPSTREAM_RESET:
+        if outcome is Outcome.UPSTREAM_RESET or self.cut_client:
             abort_socket(self.client, self.tracked)
         else:
             close_socket(self.client, self.tracked)
         if upstream is not None:
             # Only the connector and the reactor have waited on it, never trio.
-            if outcome is Outcome.CLIENT_RESET:
+            if outcome is Outcome.CLIENT_RESET or self.cut_upstream:
                 abort_socket(upstream, tracked=False)
             else:
                 close_socket(upstream, tracked=False)

@@ -156,6 +156,7 @@ class PipePool:
 
 TCP_CLOSE = 7  # include/net/tcp_states.h
 SIOCATMARK = 0x8905  # include/uapi/asm-generic/sockios.h: sockatmark(3)
+FIONREAD = 0x541B  # include/uapi/asm-generic/ioctls.h: bytes waiting to be read
 
 
 def at_urgent_mark(fd: int) -> bool:
@@ -270,6 +271,18 @@ class Flow:
         else:
             self.state = self._copy_step(eager)
         return self.state
+
+    def is_dropping_bytes(self) -> bool:
+        """Would ending now drop bytes of this direction (held, or unread at the source)?"""
+        if self.state == DONE:
+            return False
+        if self.held or self.pending:
+            return True
+        try:
+            waiting = fcntl.ioctl(self.src_fd, FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return waiting != b"\0\0\0\0"
 
     def release_pipe(self) -> None:
         """Give back a pipe held at teardown; one with bytes in it is closed."""

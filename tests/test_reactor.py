@@ -903,3 +903,36 @@ async def test_urgent_data_neither_stalls_the_stream_nor_spins_the_relay(relay_f
     assert got["upstream"] == b"abcdef"
     await wait_for_outcomes(relay, {"completed": 1})
     await settle(relay)
+
+
+# ----- 9. a cut that drops bytes is a reset ---------------------------------------------
+
+
+async def test_idle_cut_with_bytes_still_on_their_way_resets_the_reader(relay_factory):
+    """The upstream sends 8 MiB to a client that stops reading; idle_timeout cuts the
+    connection while most of it is still in the relay or the upstream's socket. The
+    client must see a reset: a FIN would make the truncated stream look complete."""
+    size = 8 * MiB
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await send_payload(stream, seed=900, total=size)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server(nursery, upstream)
+        listen_port = free_port()
+        relay = await relay_factory.astart(
+            relay_config(
+                route("cut", listen_port, [(upstream_port, 1)], extra="    idle_timeout: 1s\n")
+            )
+        )
+        with trio.fail_after(20):
+            stream = await connect(listen_port)
+            await wait_for_outcomes(relay, {"idle_timeout": 1})
+            ending = await how_it_ended(stream)
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+    assert ending == "reset"
+    await settle(relay)
