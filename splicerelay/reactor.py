@@ -47,9 +47,6 @@ class Reactor:
         self._dispatching = False
         self._next_retry = 0.0
 
-    def __len__(self) -> int:
-        return len(self._handlers)
-
     def set_interest(self, fd: int, current: int, wanted: int, handler: Handler) -> None:
         """Move `fd` from interest `current` to `wanted` (0 = not registered).
 

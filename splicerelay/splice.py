@@ -72,7 +72,7 @@ def abort_socket(sock: socket.socket, tracked: bool = True) -> None:
             sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
             )
-    close_socket(sock)
+    close_socket(sock, tracked)
 
 
 class Pipe:

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,11 +146,12 @@ async def start_payload_server(nursery: trio.Nursery, seed: int, size: int, tag:
             await send_payload(stream, seed=seed, total=size)
             await stream.send_eof()
             await receive_all(stream)
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             # A probe that only checks whether the port still accepts leaves at once;
             # real downloads are checked byte for byte on the client's side.
             pass
-        await stream.aclose()
+        finally:
+            await stream.aclose()
 
     return await start_server(nursery, handler)
 
@@ -235,6 +237,39 @@ async def test_reload_under_load_loses_nothing_and_moves_new_connections(
     assert "reload failed: invalid config" in relay.stderr()
 
 
+async def sigterm_during_downloads(
+    relay: Relay,
+    listen_port: int,
+    transfers: int,
+    while_draining: Callable[[], None] = lambda: None,
+) -> list[tuple[bytes, Transfer]]:
+    """Start `transfers` slow downloads, send SIGTERM while they flow, and return their
+    results; asserts that new clients are refused while the relay still runs, and calls
+    `while_draining` (more checks) before the downloads end."""
+    results: list[tuple[bytes, Transfer]] = []
+
+    async def one() -> None:
+        results.append(await download(listen_port, 3, pace=0.01))
+
+    async with trio.open_nursery() as clients:
+        for _ in range(transfers):
+            clients.start_soon(one)
+
+        def all_flowing() -> bool:
+            return relay.metrics().get("splicerelay_connections_active") == transfers
+
+        await trio.to_thread.run_sync(poll_until, all_flowing, 10, "transfers in flight")
+        relay.process.send_signal(signal.SIGTERM)
+
+        def refusing() -> bool:
+            return not can_connect(listen_port)
+
+        await trio.to_thread.run_sync(poll_until, refusing, 5, "new connections to be refused")
+        assert relay.process.poll() is None, "the relay must wait for the transfers"
+        while_draining()
+    return results
+
+
 async def test_sigterm_drains_transfers_refuses_new_clients_and_exits_0(relay_factory):
     size = 32 * MiB
     transfers = 4
@@ -242,26 +277,7 @@ async def test_sigterm_drains_transfers_refuses_new_clients_and_exits_0(relay_fa
         upstream_port = await start_payload_server(nursery, 91, size, b"go!")
         listen_port = free_port()
         relay = await relay_factory.astart(relay_config(listen_port, upstream_port))
-        results: list[tuple[bytes, Transfer]] = []
-
-        async def one() -> None:
-            results.append(await download(listen_port, 3, pace=0.01))
-
-        async with trio.open_nursery() as clients:
-            for _ in range(transfers):
-                clients.start_soon(one)
-
-            def all_flowing() -> bool:
-                return relay.metrics().get("splicerelay_connections_active") == transfers
-
-            await trio.to_thread.run_sync(poll_until, all_flowing, 10, "transfers in flight")
-            relay.process.send_signal(signal.SIGTERM)
-
-            def refusing() -> bool:
-                return not can_connect(listen_port)
-
-            await trio.to_thread.run_sync(poll_until, refusing, 5, "new connections to be refused")
-            assert relay.process.poll() is None, "the relay must wait for the transfers"
+        results = await sigterm_during_downloads(relay, listen_port, transfers)
         code = await trio.to_thread.run_sync(lambda: relay.process.wait(timeout=30))
         nursery.cancel_scope.cancel()
     assert code == 0

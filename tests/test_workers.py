@@ -41,12 +41,8 @@ from splicerelay.worker_env import InheritedSocket, WorkerSetup, decode, encode
 
 from .harness import Relay, RelayFactory, child_pids, free_port, is_running, poll_until
 from .peers import (
-    Handler,
-    Transfer,
     connect,
     expected_transfer,
-    receive_all,
-    send_payload,
     start_server,
 )
 from .test_data_path import relay_config
@@ -56,6 +52,7 @@ from .test_service import (
     can_connect,
     connect_when_listening,
     download,
+    sigterm_during_downloads,
     start_payload_server,
 )
 
@@ -422,57 +419,21 @@ async def test_watch_reload_reaches_the_workers(relay_factory, workers):
         nursery.cancel_scope.cancel()
 
 
-def tolerant_payload(seed: int, size: int, tag: bytes) -> Handler:
-    """Like start_payload_server's handler, but a client that leaves early is no error.
-
-    Until every worker has closed its listener, a probe for "refused yet?" may still be
-    accepted (and relayed) by a worker that has not handled SIGTERM yet; the probe
-    hangs up at once, and the upstream's send to it fails.
-    """
-
-    async def handler(stream: trio.SocketStream) -> None:
-        try:
-            await stream.send_all(tag)
-            await send_payload(stream, seed=seed, total=size)
-            await stream.send_eof()
-            await receive_all(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await stream.aclose()
-
-    return handler
-
-
 async def test_sigterm_drains_every_worker_then_all_exit(relay_factory, workers):
     size = 16 * MiB
     transfers = 4
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, tolerant_payload(91, size, b"go!"))
+        upstream_port = await start_payload_server(nursery, 91, size, b"go!")
         listen_port = free_port()
         relay = await relay_factory.astart(workers_config(listen_port, upstream_port))
         pids = await trio.to_thread.run_sync(workers.of, relay, 2)
-        results: list[tuple[bytes, Transfer]] = []
 
-        async def one() -> None:
-            results.append(await download(listen_port, 3, pace=0.01))
-
-        async with trio.open_nursery() as clients:
-            for _ in range(transfers):
-                clients.start_soon(one)
-
-            def all_flowing() -> bool:
-                return relay.metrics().get("splicerelay_connections_active") == transfers
-
-            await trio.to_thread.run_sync(poll_until, all_flowing, 10, "transfers in flight")
-            relay.process.send_signal(signal.SIGTERM)
-
-            def refusing() -> bool:
-                return not can_connect(listen_port)
-
-            await trio.to_thread.run_sync(poll_until, refusing, 5, "new connections refused")
-            assert relay.process.poll() is None, "the supervisor must wait for the drain"
+        def workers_still_draining() -> None:
             assert any(is_running(pid) for pid in pids), "workers must drain, not die"
+
+        results = await sigterm_during_downloads(
+            relay, listen_port, transfers, while_draining=workers_still_draining
+        )
         code = await trio.to_thread.run_sync(lambda: relay.process.wait(timeout=30))
         nursery.cancel_scope.cancel()
     assert code == 0
