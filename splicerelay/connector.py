@@ -39,8 +39,8 @@ class Connector:
     """Tries the upstreams of `order` in turn until one accepts; then calls `done`.
 
     `done(sock, upstream)` gets the connected socket, still registered in the reactor
-    for CONNECT_INTEREST (the caller takes the registration over), or (None, None) when
-    every attempt failed.
+    for `interest` (the caller takes the registration over; 0 when the handshake ended
+    inside connect() and it never was), or (None, None) when every attempt failed.
     """
 
     __slots__ = (
@@ -54,6 +54,7 @@ class Connector:
         "_upstreams",
         "current",
         "deadline",
+        "interest",
         "route_name",
         "sock",
         "started",
@@ -81,6 +82,8 @@ class Connector:
         self.route_name = route_name
         self.sock: socket.socket | None = None  # the attempt in progress
         self.current: UpstreamRuntime | None = None
+        # What the attempt's socket is registered for in the reactor (0: not at all).
+        self.interest = 0
         self.started = 0.0
         self.deadline = 0.0
 
@@ -101,11 +104,13 @@ class Connector:
             self.current = upstream
             self.started = now
             self.sock = sock
-            self._reactor.set_interest(sock.fileno(), 0, CONNECT_INTEREST, self)
             if not in_progress:
-                # Why this happens: a unix socket connects (or fails) within connect().
+                # Why this happens: a unix socket connects within connect(), and so does
+                # TCP over loopback (see handshake_status). Nothing to wait for.
                 self._succeeded(now)
                 return
+            self._reactor.set_interest(sock.fileno(), 0, CONNECT_INTEREST, self)
+            self.interest = CONNECT_INTEREST
             self.deadline = now + self._timeout
             return
         self._finish(None, None)
@@ -140,7 +145,8 @@ class Connector:
         sock = self.sock
         if sock is not None:
             self.sock = None
-            self._reactor.set_interest(sock.fileno(), CONNECT_INTEREST, 0, self)
+            self._reactor.set_interest(sock.fileno(), self.interest, 0, self)
+            self.interest = 0
             close_socket(sock, tracked=False)
 
     def _finish(self, sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from .balancer import Strategy, make_strategy
 from .config import Config, Route
-from .connector import CONNECT_INTEREST, Connector
+from .connector import Connector
 from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header
 from .listeners import ListenError, ListenerSet
 from .reactor import Reactor
@@ -652,7 +652,7 @@ class Relay:
             session.upstream_label = upstream.target.label
             session.upstream = sock
             try:
-                self._relay(runtime, session, sock, source, destination)
+                self._relay(runtime, session, sock, connector.interest, source, destination)
             except Exception:
                 # A bug, not a peer's doing. The connector has already reported, so the
                 # reactor's own safety net cannot end this session: end it here.
@@ -687,10 +687,14 @@ class Relay:
         runtime: RouteRuntime,
         session: Session,
         upstream: socket.socket,
+        upstream_interest: int,
         source: tuple[str, int] | None,
         destination: tuple[str, int] | None,
     ) -> None:
-        """The upstream accepted: send a PROXY header if asked, then relay."""
+        """The upstream accepted: send a PROXY header if asked, then relay.
+
+        `upstream_interest`: what the connector left the upstream registered for.
+        """
         route = runtime.route
         if route.proxy_protocol != "none":
             if destination is None:
@@ -705,7 +709,8 @@ class Relay:
             except OSError:
                 sent = -1
             if sent != len(header):
-                self.reactor.forget_fd(upstream.fileno())  # the connector's registration
+                if upstream_interest:
+                    self.reactor.forget_fd(upstream.fileno())  # the connector's registration
                 self._finish(session, Outcome.UPSTREAM_RESET)
                 return
         session.adopt(
@@ -716,7 +721,7 @@ class Relay:
             runtime.stats,
             self.use_splice,
             self._finish,
-            upstream_interest=CONNECT_INTEREST,
+            upstream_interest=upstream_interest,
         )
 
     async def _expire_connects(self) -> None:
