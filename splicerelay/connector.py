@@ -10,6 +10,7 @@ is checked by the server's timer (`expire`), not by a timer per attempt.
 
 from __future__ import annotations
 
+import _socket
 import logging
 import select
 import socket
@@ -28,10 +29,10 @@ log = logging.getLogger("splicerelay")
 CONNECT_INTEREST = select.EPOLLOUT
 
 
-Connected = Callable[[socket.socket | None, UpstreamRuntime | None], None]
+Connected = Callable[[_socket.socket | None, UpstreamRuntime | None], None]
 
 
-def _already_done(sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+def _already_done(sock: _socket.socket | None, upstream: UpstreamRuntime | None) -> None:
     """What a connector calls once it has reported: nothing."""
 
 
@@ -80,7 +81,7 @@ class Connector:
         self._reactor = reactor
         self._done = done
         self.route_name = route_name
-        self.sock: socket.socket | None = None  # the attempt in progress
+        self.sock: _socket.socket | None = None  # the attempt in progress
         self.current: UpstreamRuntime | None = None
         # What the attempt's socket is registered for in the reactor (0: not at all).
         self.interest = 0
@@ -149,7 +150,7 @@ class Connector:
             self.interest = 0
             close_socket(sock, tracked=False)
 
-    def _finish(self, sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+    def _finish(self, sock: _socket.socket | None, upstream: UpstreamRuntime | None) -> None:
         done = self._done
         # Why let go of the callback: it is a closure that refers to this connector, and
         # a cycle would leave both for the garbage collector instead of freeing them now.

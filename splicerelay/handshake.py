@@ -7,6 +7,7 @@ space; everything after the header is left in the kernel for the flows to splice
 
 from __future__ import annotations
 
+import _socket
 import socket
 
 import trio
@@ -24,7 +25,7 @@ class ProxyHeaderRejected(Exception):
     """The client's PROXY header was invalid, incomplete in time, or missing."""
 
 
-async def receive_proxy_header(sock: socket.socket, timeout: float) -> ProxyHeader:
+async def receive_proxy_header(sock: _socket.socket, timeout: float) -> ProxyHeader:
     """Read exactly one PROXY header from `sock`, leaving the stream after it unread.
 
     Why peek: only the header's own bytes may be consumed, so that the payload after it
@@ -60,7 +61,7 @@ async def receive_proxy_header(sock: socket.socket, timeout: float) -> ProxyHead
         ) from None
 
 
-async def _consume(sock: socket.socket, count: int) -> None:
+async def _consume(sock: _socket.socket, count: int) -> None:
     """Take `count` bytes that an earlier peek showed are there."""
     while count:
         try:
@@ -83,7 +84,7 @@ def build_proxy_header(
     return encode_v1(None, None) if version == "v1" else encode_v2(None, None, local=True)
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
+async def send_all(sock: _socket.socket, data: bytes) -> None:
     """Write all of `data` to a non-blocking socket (a handful of bytes, once)."""
     view = memoryview(data)
     while view:

@@ -7,6 +7,7 @@ accepted, so the event loop never calls getaddrinfo per connection.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import ipaddress
 import logging
@@ -24,7 +25,7 @@ from .connector import Connector
 from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header
 from .listeners import ListenError, ListenerSet
 from .reactor import Reactor
-from .session import Outcome, Session, prepare_accepted
+from .session import Outcome, Session, accept_client, prepare_accepted
 from .splice import PipePool, close_socket
 from .stats import RelayStats, RouteStats
 from .upstreams import (
@@ -364,14 +365,14 @@ class Relay:
                     # The common case, without a coroutine per accept: try, and wait
                     # for the listener only when its queue is empty.
                     try:
-                        client, peer = listener.accept()
+                        client, peer = accept_client(listener, family)
                     except BlockingIOError:
                         slots.release()
                         await trio.lowlevel.wait_readable(listener)
                         continue
                     except OSError:
                         client, peer, global_slot = await self._accept_with_global_slot(
-                            runtime, listener
+                            runtime, listener, family
                         )
                     else:
                         global_slot = None
@@ -380,7 +381,7 @@ class Relay:
                             log.info("accept resumed")
                 else:
                     client, peer, global_slot = await self._accept_with_global_slot(
-                        runtime, listener
+                        runtime, listener, family
                     )
             except BaseException:
                 slots.release()
@@ -401,7 +402,7 @@ class Relay:
     def _fds_in_use(self) -> int:
         """An estimate of this process's open fds, without a syscall per accept."""
         pipes = self.stats.pipes
-        return self._base_fds + 2 * len(self._sessions) + 2 * (pipes.in_use + pipes.idle)
+        return self._base_fds + 2 * len(self._sessions) + 2 * (pipes.created - pipes.closed)
 
     async def _wait_for_fd_headroom(self) -> None:
         """Accept only while a new connection can get its upstream socket and pipes.
@@ -435,8 +436,8 @@ class Relay:
             await trio.sleep(FD_WAIT_SECONDS)
 
     async def _accept_with_global_slot(
-        self, runtime: RouteRuntime, listener: socket.socket
-    ) -> tuple[socket.socket, object, trio.Semaphore | None]:
+        self, runtime: RouteRuntime, listener: socket.socket, family: int
+    ) -> tuple[_socket.socket, object, trio.Semaphore | None]:
         """Accept one client, holding a global slot for it when there is a global limit.
 
         Why the global slot is taken only once a client is waiting: a route with no
@@ -451,7 +452,7 @@ class Relay:
                     await trio.lowlevel.wait_readable(listener)
                     await self._acquire_timed(global_slots, runtime.stats, is_global=True)
             try:
-                accepted = await self._accept_one(listener)
+                accepted = await self._accept_one(listener, family)
             except BaseException:
                 if global_slots is not None:
                     global_slots.release()
@@ -481,10 +482,12 @@ class Relay:
             else:
                 stats.limited_seconds += waited
 
-    async def _accept_one(self, listener: socket.socket) -> tuple[socket.socket, object] | None:
+    async def _accept_one(
+        self, listener: socket.socket, family: int
+    ) -> tuple[_socket.socket, object] | None:
         """One accept(): a client, or None when there is none to take right now."""
         try:
-            client, peer = listener.accept()
+            client, peer = accept_client(listener, family)
         except BlockingIOError:
             return None
         except OSError as error:
@@ -641,7 +644,7 @@ class Relay:
         if not order:
             return Outcome.NO_UPSTREAM
 
-        def connected(sock: socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+        def connected(sock: _socket.socket | None, upstream: UpstreamRuntime | None) -> None:
             self._connecting.discard(connector)
             session.on_stop = None  # the closure below refers to the session: no cycle
             if sock is None or upstream is None:
@@ -686,7 +689,7 @@ class Relay:
         self,
         runtime: RouteRuntime,
         session: Session,
-        upstream: socket.socket,
+        upstream: _socket.socket,
         upstream_interest: int,
         source: tuple[str, int] | None,
         destination: tuple[str, int] | None,

@@ -18,6 +18,7 @@ learned the hard way by Go's net package and by HAProxy:
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import fcntl
@@ -49,7 +50,7 @@ def close_fd(fd: int) -> None:
     os.close(fd)
 
 
-def close_socket(sock: socket.socket, tracked: bool = True) -> None:
+def close_socket(sock: _socket.socket, tracked: bool = True) -> None:
     """Close a socket; safe to call twice.
 
     `tracked`: trio may have waited on it, so it goes through trio's notify-then-close
@@ -61,7 +62,7 @@ def close_socket(sock: socket.socket, tracked: bool = True) -> None:
         sock.close()
 
 
-def abort_socket(sock: socket.socket, tracked: bool = True) -> None:
+def abort_socket(sock: _socket.socket, tracked: bool = True) -> None:
     """Close with a TCP RST instead of a FIN, to pass a reset on to the other peer."""
     if sock.fileno() < 0:
         return
@@ -111,47 +112,53 @@ def open_pipe(size: int, stats: PipeStats) -> Pipe:
 
 
 class PipePool:
-    """Empty pipes kept for reuse, keyed by requested size.
+    """Empty pipes kept for reuse, one stack per requested size.
 
     A pipe comes back here only when it is empty. One that still holds bytes (its
     connection died mid-chunk) is closed, since its contents belong to nobody.
+
+    Why flows pop and push a stack themselves (`stack_for`): a pipe is lent and given
+    back a few times per connection, and a list operation is the cheapest way to do it.
     """
 
     def __init__(self, stats: PipeStats, max_idle: int = 256) -> None:
         self._stats = stats
-        self._max_idle = max_idle
-        self._idle: dict[int, list[Pipe]] = {}
-        self._idle_count = 0
+        self.max_idle = max_idle  # per size
+        self._stacks = stats.idle_stacks
+
+    def stack_for(self, size: int) -> list[Pipe]:
+        """The idle pipes of `size`: pop one to borrow it, push it back empty."""
+        stack = self._stacks.get(size)
+        if stack is None:
+            stack = self._stacks[size] = []
+        return stack
+
+    def open(self, size: int) -> Pipe:
+        """A new pipe, for when the stack of `size` is empty; raises OSError."""
+        return open_pipe(size, self._stats)
 
     def acquire(self, size: int) -> Pipe:
-        stack = self._idle.get(size)
-        if stack:
-            pipe = stack.pop()
-            self._idle_count -= 1
-            self._stats.idle -= 1
-        else:
-            pipe = open_pipe(size, self._stats)
-        self._stats.in_use += 1
-        return pipe
+        stack = self.stack_for(size)
+        return stack.pop() if stack else self.open(size)
 
     def release(self, pipe: Pipe, size: int, held: int) -> None:
         """Return a pipe lent for `size`; `held` is how many bytes are still in it."""
-        self._stats.in_use -= 1
-        if held or self._idle_count >= self._max_idle:
-            pipe.close()
-            return
-        self._idle.setdefault(size, []).append(pipe)
-        self._idle_count += 1
-        self._stats.idle += 1
+        stack = self.stack_for(size)
+        if held or len(stack) >= self.max_idle:
+            self.discard(pipe)
+        else:
+            stack.append(pipe)
+
+    def discard(self, pipe: Pipe) -> None:
+        pipe.close()
+        self._stats.closed += 1
 
     def close(self) -> None:
         """Close every idle pipe (at shutdown)."""
-        for stack in self._idle.values():
+        for stack in self._stacks.values():
             for pipe in stack:
-                pipe.close()
-        self._stats.idle -= self._idle_count
-        self._idle.clear()
-        self._idle_count = 0
+                self.discard(pipe)
+            stack.clear()
 
 
 TCP_CLOSE = 7  # include/net/tcp_states.h
@@ -168,7 +175,7 @@ def at_urgent_mark(fd: int) -> bool:
     return answer != b"\0\0\0\0"
 
 
-def was_reset(sock: socket.socket) -> bool:
+def was_reset(sock: _socket.socket) -> bool:
     """Is a read of 0 from `sock` a reset rather than the peer's FIN?
 
     Why: a reset socket reports its error once. When the other flow's call took it
@@ -222,6 +229,7 @@ class Flow:
     __slots__ = (
         "_counter",
         "_dst",
+        "_idle_pipes",
         "_pipe_size",
         "_pool",
         "_src",
@@ -239,8 +247,8 @@ class Flow:
 
     def __init__(
         self,
-        src: socket.socket,
-        dst: socket.socket,
+        src: _socket.socket,
+        dst: _socket.socket,
         pool: PipePool,
         pipe_size: int,
         counter: ByteCounter,
@@ -252,6 +260,7 @@ class Flow:
         self.dst_fd = dst.fileno()
         self._pool = pool
         self._pipe_size = pipe_size
+        self._idle_pipes = pool.stack_for(pipe_size)
         self._counter = counter
         self.use_splice = use_splice
         self.state = WANT_READ
@@ -312,27 +321,33 @@ class Flow:
         if self.pending and not self._send_pending():
             return WANT_WRITE  # bytes a copy step (below) could not send yet
         pool = self._pool
-        size = self._pipe_size
+        idle = self._idle_pipes
         counter = self._counter
         splice = os.splice
         pipe = self.pipe
         held = self.held
         budget = YIELD_EVERY_BYTES
+        filled = True  # bytes held from an earlier step: deliver them, then read on
         while True:
-            if pipe is None:
-                try:
-                    pipe = pool.acquire(size)
-                except OSError as error:
-                    if error.errno in (errno.EMFILE, errno.ENFILE):
-                        # Why wait rather than fail: running out of fds passes (connections
-                        # end, idle pipes close); the bytes are safe in the socket meanwhile.
-                        return WANT_PIPE
-                    raise ReadError(error) from None
+            if not held:
+                if pipe is None:
+                    if idle:
+                        pipe = idle.pop()
+                    else:
+                        try:
+                            pipe = pool.open(self._pipe_size)
+                        except OSError as error:
+                            if error.errno in (errno.EMFILE, errno.ENFILE):
+                                # Why wait rather than fail: running out of fds passes
+                                # (connections end, idle pipes close); the bytes are
+                                # safe in the socket meanwhile.
+                                return WANT_PIPE
+                            raise ReadError(error) from None
                 try:
                     held = splice(self.src_fd, pipe.write_fd, pipe.capacity, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     # The pipe is empty, so EAGAIN means the socket is: give the pipe back.
-                    pool.release(pipe, size, 0)
+                    self._give_back(pipe)
                     if readable and at_urgent_mark(self.src_fd):
                         # Why: splice(2) from TCP stops at an urgent (MSG_OOB) mark and
                         # says EAGAIN while the socket still polls readable, which would
@@ -341,13 +356,13 @@ class Flow:
                         return self._copy_step(eager)
                     return WANT_READ
                 except OSError as error:
-                    pool.release(pipe, size, 0)
+                    self._give_back(pipe)
                     if not self.started and error.errno in SPLICE_UNSUPPORTED:
                         self.use_splice = False
                         return self._copy_step(eager)
                     raise ReadError(error) from None
                 if held == 0:
-                    pool.release(pipe, size, 0)
+                    self._give_back(pipe)
                     return self._end_of_stream()  # EOF, and the pipe is empty
                 self.started = True
                 self.pipe = pipe
@@ -355,8 +370,7 @@ class Flow:
                 # emptied the socket, and level-triggered epoll will say if it did not.
                 # Skipping the retry saves the EAGAIN syscall on every small message.
                 filled = eager or held == pipe.capacity
-            else:
-                filled = True
+            assert pipe is not None
             while held:
                 try:
                     moved = splice(pipe.read_fd, self.dst_fd, held, flags=SPLICE_FLAGS)
@@ -371,13 +385,22 @@ class Flow:
                 self.moved += moved
                 budget -= moved
             self.held = 0
-            self.pipe = None
-            pool.release(pipe, size, 0)
-            pipe = None
             if not filled or budget <= 0:
+                # The pipe is empty: it goes back to the pool until the next chunk.
                 # Fairness: after YIELD_EVERY_BYTES the other connections get their turn;
                 # level-triggered epoll brings this one back.
+                self._give_back(pipe)
                 return WANT_READ
+            # Reading on: the empty pipe stays lent for the next chunk.
+
+    def _give_back(self, pipe: Pipe) -> None:
+        """Return this flow's pipe, now empty, to the pool."""
+        self.pipe = None
+        idle = self._idle_pipes
+        if len(idle) < self._pool.max_idle:
+            idle.append(pipe)
+        else:
+            self._pool.discard(pipe)
 
     def _copy_step(self, eager: bool) -> int:
         """The user-space fallback for files the kernel will not splice."""

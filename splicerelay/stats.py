@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ByteCounter:
@@ -113,12 +114,32 @@ class RouteStats:
 
 @dataclass(eq=False)
 class PipeStats:
-    """State of the kernel pipes that carry the spliced bytes."""
+    """State of the kernel pipes that carry the spliced bytes.
 
-    idle: int = 0  # pooled, empty, ready for the next burst
-    in_use: int = 0  # lent to a flow that has (or is about to have) bytes in it
+    Why the gauges are derived: a pipe is lent and given back several times per
+    connection, so the pool keeps only its idle stacks and counts opens and closes;
+    `idle` and `in_use` are worked out when someone looks.
+    """
+
     created: int = 0
+    closed: int = 0
     resize_failures: int = 0  # F_SETPIPE_SZ refused: the pipe kept a smaller size
+    # The pool's stacks of empty pipes, by requested size (shared with PipePool).
+    idle_stacks: dict[int, list[Any]] = field(default_factory=dict)
+
+    @property
+    def open(self) -> int:
+        return self.created - self.closed
+
+    @property
+    def idle(self) -> int:
+        """Pooled, empty, ready for the next burst."""
+        return sum(len(stack) for stack in self.idle_stacks.values())
+
+    @property
+    def in_use(self) -> int:
+        """Lent to a flow that has (or is about to have) bytes in it."""
+        return self.open - self.idle
 
 
 @dataclass(eq=False)
