@@ -15,7 +15,9 @@ handler that stops short of EAGAIN is simply reported again on the next round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import select
 from typing import Protocol
 
@@ -35,12 +37,35 @@ class Handler(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
+class _Wakeup:
+    """The reactor's eventfd: readable when someone outside its task needs it awake."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def on_ready(self, fd: int, events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)  # reset it, or level-triggered epoll reports it again
+
+    def retry(self) -> None:
+        """Never waits for a resource."""
+
+    def fail(self, error: BaseException) -> None:
+        """Reading an eventfd cannot fail in a way worth more than the log line."""
+
+
 class Reactor:
     """The epoll set, the handler of each registered fd, and the task that serves them."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._handlers: dict[int, Handler] = {}
+        # Why a wake-up fd: a handler may ask to be retried from outside the reactor's
+        # task (a session adopted by the accept loop when its upstream connected inside
+        # connect()), while the task waits for epoll with no timeout.
+        self._wakeup = _Wakeup(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self._epoll.register(self._wakeup.fd, select.EPOLLIN)
+        self._waiting_without_timeout = False
+        self._handlers: dict[int, Handler] = {self._wakeup.fd: self._wakeup}
         self._retry: set[Handler] = set()
         # fds registered during the round being dispatched (see run).
         self._added_this_round: set[int] = set()
@@ -88,6 +113,10 @@ class Reactor:
         if not self._retry:
             self._next_retry = trio.current_time() + RETRY_SECONDS
         self._retry.add(handler)
+        if self._waiting_without_timeout:
+            # Wake the task so that it waits again, now with the retry timer.
+            self._waiting_without_timeout = False
+            os.eventfd_write(self._wakeup.fd, 1)
 
     def forget(self, handler: Handler) -> None:
         self._retry.discard(handler)
@@ -104,11 +133,16 @@ class Reactor:
                     if trio.current_time() >= self._next_retry:
                         self._run_retries()
                 else:
-                    await wait_readable(epoll)
+                    self._waiting_without_timeout = True
+                    try:
+                        await wait_readable(epoll)
+                    finally:
+                        self._waiting_without_timeout = False
                 self._dispatch(epoll.poll(0, MAX_EVENTS), handlers)
         finally:
             trio.lowlevel.notify_closing(epoll)
             epoll.close()
+            os.close(self._wakeup.fd)
 
     def _dispatch(self, ready: list[tuple[int, int]], handlers: dict[int, Handler]) -> None:
         """Call the handler of every ready fd."""
@@ -127,9 +161,7 @@ class Reactor:
                 try:
                     handler.on_ready(fd, events)
                 except Exception as error:
-                    # A bug, not a peer's doing: end that connection, serve the rest.
-                    log.exception("connection failed unexpectedly")
-                    handler.fail(error)
+                    _fail(handler, error)
         finally:
             self._dispatching = False
             added.clear()
@@ -141,5 +173,15 @@ class Reactor:
             try:
                 handler.retry()
             except Exception as error:
-                log.exception("connection failed unexpectedly")
-                handler.fail(error)
+                _fail(handler, error)
+
+
+def _fail(handler: Handler, error: Exception) -> None:
+    """A handler raised: a bug, not a peer's doing. End that connection, serve the rest."""
+    log.exception("connection failed unexpectedly")
+    try:
+        handler.fail(error)
+    except Exception:
+        # Why swallow this too: an exception here would end the reactor's task and with
+        # it every connection. The one connection may leak; the log says so.
+        log.exception("ending a failed connection failed too")

@@ -21,13 +21,17 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
+
+from splicerelay.reactor import Reactor
+from splicerelay.session import ConnectError, UpstreamTarget, start_connect
 
 from .harness import Relay, RelayFactory, free_port, poll_until, refused_port
 from .peers import (
@@ -936,3 +940,112 @@ async def test_idle_cut_with_bytes_still_on_their_way_resets_the_reader(relay_fa
 
     assert ending == "reset"
     await settle(relay)
+
+
+# ----- the reactor itself, in this process --------------------------------------------
+
+
+class RecordingHandler:
+    """A reactor handler that notes what it was called for."""
+
+    def __init__(self) -> None:
+        self.retried = trio.Event()
+        self.ready: list[int] = []
+        self.failures: list[BaseException] = []
+
+    def on_ready(self, fd: int, events: int) -> None:
+        self.ready.append(fd)
+
+    def retry(self) -> None:
+        self.retried.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.failures.append(error)
+
+
+async def test_a_retry_asked_for_from_another_task_wakes_an_idle_reactor():
+    """A session adopted outside the reactor's task (its upstream connected inside
+    connect()) may find no fd for a pipe and ask to be retried. The reactor is then
+    waiting on epoll with no timeout and nothing registered: it must still retry."""
+    reactor = Reactor()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run)
+        await trio.sleep(0.2)  # the reactor's task now waits, without a timer
+        handler = RecordingHandler()
+        reactor.retry_later(handler)  # from this task, not the reactor's
+        with trio.fail_after(2):
+            await handler.retried.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+class BrokenHandler(RecordingHandler):
+    """Raises from on_ready, and again from fail(); then leaves the set."""
+
+    def __init__(self, reactor: Reactor) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def on_ready(self, fd: int, events: int) -> None:
+        super().on_ready(fd, events)
+        if len(self.ready) == 1:
+            raise RuntimeError("a bug in a handler")
+        self.reactor.set_interest(fd, select.EPOLLIN, 0, self)
+
+    def fail(self, error: BaseException) -> None:
+        super().fail(error)
+        raise RuntimeError("a bug in its fail() too")
+
+
+async def test_a_handler_that_fails_while_failing_does_not_stop_the_reactor():
+    reactor = Reactor()
+    broken_pair = socket.socketpair()
+    good_pair = socket.socketpair()
+    try:
+        broken = BrokenHandler(reactor)
+        good = RecordingHandler()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reactor.run)
+            reactor.set_interest(broken_pair[0].fileno(), 0, select.EPOLLIN, broken)
+            reactor.set_interest(good_pair[0].fileno(), 0, select.EPOLLIN, good)
+            broken_pair[1].send(b"x")
+            await wait_for(lambda: len(broken.failures) == 1)
+            good_pair[1].send(b"y")
+            # The reactor still serves the other handler after both exceptions.
+            await wait_for(lambda: bool(good.ready))
+            assert good.ready[0] == good_pair[0].fileno()
+            assert len(broken.ready) == 2  # reported again, and left the set then
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (*broken_pair, *good_pair):
+            sock.close()
+
+
+def test_a_loopback_connect_is_known_to_be_done_when_connect_returns():
+    """Over loopback the kernel runs the handshake inside connect(): start_connect says
+    so (no EPOLLOUT round needed), and a refusal is reported at once, as a refusal."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        target = UpstreamTarget("here", socket.AF_INET, listener.getsockname())
+        sock, in_progress = start_connect(target)
+        try:
+            assert not in_progress
+            accepted, _ = listener.accept()
+            accepted.sendall(b"hello")
+            assert sock.recv(5) == b"hello"
+            accepted.close()
+        finally:
+            sock.close()
+    refused = UpstreamTarget("nobody", socket.AF_INET, ("127.0.0.1", refused_port()))
+    try:
+        start_connect(refused)
+    except ConnectError as error:
+        assert error.reason == "refused"
+    else:
+        raise AssertionError("a connect to a port nobody listens on did not fail")
