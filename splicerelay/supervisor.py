@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from . import __version__, logs
@@ -65,6 +65,11 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the config file with --watch
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to the service manager
 RELOAD_RESULT_TIMEOUT = 60.0  # how long to wait for every worker to report a reload
 STOP_GRACE = 15.0  # after shutdown_timeout, seconds before SIGKILL to stuck workers
+# A ready worker that has sent nothing for this long is hung (its event loop no longer
+# runs) and is killed, then restarted. Workers ping at half of it. The environment
+# variable below overrides it (seconds; 0 turns the watchdog off).
+WORKER_WATCHDOG_SECONDS = 20.0
+WORKER_WATCHDOG_ENV = "SPLICERELAY_WORKER_WATCHDOG"
 # The environment a worker must not inherit: socket activation is the supervisor's (the
 # worker gets its sockets through WORKER_ENV), and so is systemd's watchdog.
 NOT_FOR_WORKERS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -80,6 +85,8 @@ class Worker:
     ready: bool = False
     connections: int = 0
     reload_pending: bool = False  # SIGHUP held back until the worker is ready
+    last_heard: float = 0.0  # monotonic time of its last sd_notify message
+    killed_as_hung: bool = False
 
     @property
     def pid(self) -> int:
@@ -111,6 +118,24 @@ def restart_delay(failures: int) -> float:
 
 
 _CONNECTIONS = re.compile(r"([0-9]+) connections?\b")
+
+
+def worker_watchdog_seconds(environ: Mapping[str, str]) -> float:
+    """The hung-worker timeout: WORKER_WATCHDOG_SECONDS unless the environment says."""
+    text = environ.get(WORKER_WATCHDOG_ENV)
+    if text is None:
+        return WORKER_WATCHDOG_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        log.warning(
+            "ignoring a bad worker watchdog setting",
+            extra={"fields": {WORKER_WATCHDOG_ENV: text, "using": WORKER_WATCHDOG_SECONDS}},
+        )
+        return WORKER_WATCHDOG_SECONDS
+    return seconds
 
 
 def connections_in_status(status: str) -> int | None:
@@ -159,6 +184,7 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}  # slot -> when
         self._failures: Counter[int] = Counter()  # slot -> early deaths in a row
         self.restarts = 0
+        self.worker_watchdog = worker_watchdog_seconds(os.environ)
         self.reloads: Counter[str] = Counter()
         self._rounds: list[ReloadRound] = []
         self.announced = False  # READY=1 sent to the real service manager
@@ -218,6 +244,9 @@ class Supervisor:
         }
         environment[WORKER_ENV] = encode(setup)
         environment["NOTIFY_SOCKET"] = self.receiver.path
+        if self.worker_watchdog:
+            # The worker's own sd_notify code then sends WATCHDOG=1 at half of this.
+            environment["WATCHDOG_USEC"] = str(int(self.worker_watchdog * 1e6))
         command = [sys.executable, "-m", "splicerelay", "run", "-c", self.snapshot]
         if self.args.log_level:
             command += ["--log-level", self.args.log_level]
@@ -236,7 +265,8 @@ class Supervisor:
             # or the forwarded copy would look like a second one.
             process_group=0,
         )
-        self.workers.append(Worker(worker_id, slot, process, metrics_path, time.monotonic()))
+        now = time.monotonic()
+        self.workers.append(Worker(worker_id, slot, process, metrics_path, now, last_heard=now))
         self._refresh_views()
 
     def _refresh_views(self) -> None:
@@ -290,6 +320,31 @@ class Supervisor:
                     extra={"fields": {"slot": slot, "pid": self.workers[-1].pid}},
                 )
 
+    def kill_hung_workers(self, now: float) -> None:
+        """SIGKILL each ready worker that has not been heard from within the watchdog
+        time; reap() then restarts it like any worker that died.
+
+        Why only ready workers: one still starting may be resolving names for longer.
+        """
+        if not self.worker_watchdog or self.stopping:
+            return
+        for worker in self.workers:
+            silent = now - worker.last_heard
+            if worker.ready and not worker.killed_as_hung and silent > self.worker_watchdog:
+                worker.killed_as_hung = True
+                log.error(
+                    "worker stopped answering; killing it",
+                    extra={
+                        "fields": {
+                            "slot": worker.slot,
+                            "pid": worker.pid,
+                            "silent_seconds": round(silent, 1),
+                        }
+                    },
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+
     def signal_workers(self, signum: int) -> None:
         for worker in self.workers:
             with contextlib.suppress(ProcessLookupError):
@@ -302,6 +357,7 @@ class Supervisor:
             worker = next((w for w in self.workers if w.pid == message.pid), None)
             if worker is None:
                 continue  # a worker already reaped, or not one of ours
+            worker.last_heard = time.monotonic()
             fields = message.fields
             if fields.get("READY") == "1":
                 worker.ready = True
@@ -510,6 +566,7 @@ class Supervisor:
                 self.restart_due(now)
             self.finish_reloads(now)
             self.check_stop_deadline(now)
+            self.kill_hung_workers(now)
             if watchdog and now >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = now + watchdog

@@ -32,10 +32,13 @@ from splicerelay.merged_metrics import (
     without,
 )
 from splicerelay.supervisor import (
+    WORKER_WATCHDOG_ENV,
+    WORKER_WATCHDOG_SECONDS,
     connections_in_status,
     describe_exit,
     restart_delay,
     status_line,
+    worker_watchdog_seconds,
 )
 from splicerelay.worker_env import InheritedSocket, WorkerSetup, decode, encode
 
@@ -194,6 +197,56 @@ async def test_a_killed_worker_is_replaced_and_service_goes_on(relay_factory, wo
 
         await trio.to_thread.run_sync(poll_until, readyz_ok, 10, "two workers running")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hung_worker_is_killed_and_replaced(relay_factory, workers):
+    """A worker whose event loop stops (here: SIGSTOP) stops sending WATCHDOG=1 to the
+    supervisor, which kills it after the watchdog time and starts another."""
+    watchdog = 1.5
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server_echo(nursery)
+        listen_port = free_port()
+        relay = await relay_factory.astart(
+            workers_config(listen_port, upstream_port),
+            env={WORKER_WATCHDOG_ENV: str(watchdog)},
+        )
+        before = await trio.to_thread.run_sync(workers.of, relay, 2)
+        # Longer than the watchdog time with both running: pings keep them alive.
+        await trio.sleep(watchdog * 2)
+        assert set(child_pids(relay.pid)) == set(before)
+        victim = before[0]
+        stopped_at = trio.current_time()
+        os.kill(victim, signal.SIGSTOP)
+
+        def replaced() -> bool:
+            now = child_pids(relay.pid)
+            workers.seen.update(now)
+            return len(now) == 2 and victim not in now
+
+        await trio.to_thread.run_sync(poll_until, replaced, 15, "the hung worker's successor")
+        assert trio.current_time() - stopped_at >= watchdog * 0.9
+        assert not is_running(victim)
+        log = relay.stderr()
+        assert "worker stopped answering; killing it" in log
+        assert "killed by SIGKILL" in log
+
+        def counted() -> bool:
+            return relay.metrics().get("splicerelay_worker_restarts_total") == 1
+
+        await trio.to_thread.run_sync(poll_until, counted, 10, "the restart to be counted")
+        for index in range(20):
+            stream = await connect(listen_port)
+            await exchange(stream, b"after the hang %d" % index)
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_the_worker_watchdog_setting():
+    assert worker_watchdog_seconds({}) == WORKER_WATCHDOG_SECONDS
+    assert worker_watchdog_seconds({WORKER_WATCHDOG_ENV: "2.5"}) == 2.5
+    assert worker_watchdog_seconds({WORKER_WATCHDOG_ENV: "0"}) == 0  # off
+    for bad in ("soon", "-1", "nan", ""):
+        assert worker_watchdog_seconds({WORKER_WATCHDOG_ENV: bad}) == WORKER_WATCHDOG_SECONDS
 
 
 async def test_merged_bytes_equal_the_bytes_moved_even_after_a_worker_dies(relay_factory, workers):
