@@ -163,6 +163,30 @@ async def start_server_echo(nursery: trio.Nursery) -> int:
     return await start_server(nursery, echo)
 
 
+async def wait_replaced(relay: Relay, workers: Workers, victim: int) -> None:
+    """Until the supervisor again has two workers, `victim` not among them."""
+
+    def replaced() -> bool:
+        now = child_pids(relay.pid)
+        workers.seen.update(now)
+        return len(now) == 2 and victim not in now
+
+    await trio.to_thread.run_sync(poll_until, replaced, 15, "a new worker")
+
+
+async def check_one_restart_and_service(relay: Relay, listen_port: int) -> None:
+    """One restart counted on /metrics, and clients served again."""
+
+    def counted() -> bool:
+        return relay.metrics().get("splicerelay_worker_restarts_total") == 1
+
+    await trio.to_thread.run_sync(poll_until, counted, 10, "the restart to be counted")
+    for index in range(20):
+        stream = await connect(listen_port)
+        await exchange(stream, b"after the restart %d" % index)
+        await stream.aclose()
+
+
 async def test_a_killed_worker_is_replaced_and_service_goes_on(relay_factory, workers):
     async with trio.open_nursery() as nursery:
         upstream_port = await start_server_echo(nursery)
@@ -171,22 +195,8 @@ async def test_a_killed_worker_is_replaced_and_service_goes_on(relay_factory, wo
         before = await trio.to_thread.run_sync(workers.of, relay, 2)
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> bool:
-            now = child_pids(relay.pid)
-            workers.seen.update(now)
-            return len(now) == 2 and victim not in now
-
-        await trio.to_thread.run_sync(poll_until, replaced, 15, "a new worker")
-
-        def counted() -> bool:
-            return relay.metrics().get("splicerelay_worker_restarts_total") == 1
-
-        await trio.to_thread.run_sync(poll_until, counted, 10, "the restart to be counted")
-        for index in range(20):
-            stream = await connect(listen_port)
-            await exchange(stream, b"after the crash %d" % index)
-            await stream.aclose()
+        await wait_replaced(relay, workers, victim)
+        await check_one_restart_and_service(relay, listen_port)
         assert relay.process.poll() is None
         log = relay.stderr()
         assert "worker exited; restarting it" in log
@@ -217,27 +227,13 @@ async def test_a_hung_worker_is_killed_and_replaced(relay_factory, workers):
         victim = before[0]
         stopped_at = trio.current_time()
         os.kill(victim, signal.SIGSTOP)
-
-        def replaced() -> bool:
-            now = child_pids(relay.pid)
-            workers.seen.update(now)
-            return len(now) == 2 and victim not in now
-
-        await trio.to_thread.run_sync(poll_until, replaced, 15, "the hung worker's successor")
+        await wait_replaced(relay, workers, victim)
         assert trio.current_time() - stopped_at >= watchdog * 0.9
         assert not is_running(victim)
         log = relay.stderr()
         assert "worker stopped answering; killing it" in log
         assert "killed by SIGKILL" in log
-
-        def counted() -> bool:
-            return relay.metrics().get("splicerelay_worker_restarts_total") == 1
-
-        await trio.to_thread.run_sync(poll_until, counted, 10, "the restart to be counted")
-        for index in range(20):
-            stream = await connect(listen_port)
-            await exchange(stream, b"after the hang %d" % index)
-            await stream.aclose()
+        await check_one_restart_and_service(relay, listen_port)
         nursery.cancel_scope.cancel()
 
 
