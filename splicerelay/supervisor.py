@@ -99,7 +99,11 @@ class ReloadRound:
 
     waiting: set[int]  # pids
     deadline: float
+    # What every worker ran before: restored if they all refuse the new config.
+    previous_config: Config
+    previous_text: str
     failed: list[int] = field(default_factory=list)
+    succeeded: list[int] = field(default_factory=list)
 
 
 def describe_exit(returncode: int) -> str:
@@ -194,6 +198,7 @@ class Supervisor:
         self.notifier = Notifier()
         self.receiver = NotifyReceiver(os.path.join(directory, "notify.sock"))
         self.scraper = WorkerScraper(lambda: self._views, lambda: self.count, self.own_families)
+        self._snapshot_text = ""  # what the snapshot file holds (write_snapshot)
         self.write_snapshot(config_text)
 
     # ----- the supervisor's own metrics (read from the metrics threads) ------------
@@ -220,6 +225,7 @@ class Supervisor:
     # ----- workers -------------------------------------------------------------------
 
     def write_snapshot(self, text: str) -> None:
+        self._snapshot_text = text
         # Why write-then-rename: a worker that reads it at that moment gets the old file
         # or the new one, never a torn one.
         temporary = self.snapshot + ".new"
@@ -373,7 +379,9 @@ class Supervisor:
                 for round_ in self._rounds:
                     if worker.pid in round_.waiting:
                         round_.waiting.discard(worker.pid)
-                        if result != "success":
+                        if result == "success":
+                            round_.succeeded.append(worker.pid)
+                        else:
                             round_.failed.append(worker.pid)
         if not self.announced and not self.stopping and self.all_started_and_ready():
             self.announced = True
@@ -435,18 +443,16 @@ class Supervisor:
             log.warning("metrics.listen changed: it takes effect at the next restart")
         if config.workers != self.config.workers:
             log.warning("workers changed: it takes effect at the next restart")
+        previous_config, previous_text = self.config, self._snapshot_text
         self.write_snapshot(text)
-        # The supervisor's copies of listeners no route uses any more: closed now, so a
-        # restarted worker does not get them (the workers close theirs as they reload).
-        self.listeners.close_except({route.listen for route in config.routes}, _close)
         self.config = config
-        logs.configure(
-            self.args.log_level or config.log.level,
-            self.args.log_format or config.log.format,
-            config.log.access_log,
-        )
+        self._configure_logs()
         waiting = {worker.pid for worker in self.workers}
-        self._rounds.append(ReloadRound(waiting, time.monotonic() + RELOAD_RESULT_TIMEOUT))
+        self._rounds.append(
+            ReloadRound(
+                waiting, time.monotonic() + RELOAD_RESULT_TIMEOUT, previous_config, previous_text
+            )
+        )
         log.info(
             "reloading every worker",
             extra={"fields": {"reason": reason, "workers": sorted(waiting)}},
@@ -461,6 +467,14 @@ class Supervisor:
                 worker.reload_pending = True
         self.finish_reloads(time.monotonic())
 
+    def _configure_logs(self) -> None:
+        """The supervisor's own logging, as the current config and the command line say."""
+        logs.configure(
+            self.args.log_level or self.config.log.level,
+            self.args.log_format or self.config.log.format,
+            self.config.log.access_log,
+        )
+
     def finish_reloads(self, now: float) -> None:
         """Count the reloads every worker has answered (or that timed out), in order."""
         while self._rounds and (not self._rounds[0].waiting or self._rounds[0].deadline <= now):
@@ -472,11 +486,28 @@ class Supervisor:
                 )
             result = "failure" if round_.failed or round_.waiting else "success"
             self.reloads[result] += 1
-            if result == "failure":
+            latest = not self._rounds  # its snapshot is still the one on disk
+            if result == "failure" and latest and not round_.succeeded and not round_.waiting:
+                # Every worker refused it (a name that does not resolve, say) and runs the
+                # config from before: so must a worker restarted from here on.
+                self.write_snapshot(round_.previous_text)
+                self.config = round_.previous_config
+                self._configure_logs()
+                log.error(
+                    "reload failed in every worker; the running config stays",
+                    extra={"fields": {"workers": sorted(round_.failed)}},
+                )
+            elif result == "failure":
                 log.error(
                     "reload failed in some workers; see their log lines",
                     extra={"fields": {"workers": sorted(round_.failed)}},
                 )
+            if latest and (round_.succeeded or round_.waiting):
+                # The supervisor's copies of listeners no route uses any more: closed
+                # now, so a restarted worker does not get them (the workers close theirs
+                # as they reload). Not before: if every worker refused the config, the
+                # old routes still need them.
+                self.listeners.close_except({route.listen for route in self.config.routes}, _close)
             if not self._rounds and not self.stopping:
                 self.notifier.ready(self.status())
 

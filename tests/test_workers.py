@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,6 +383,51 @@ async def test_sighup_reaches_every_worker_and_a_bad_config_keeps_the_old(
         metrics = relay.metrics()
         assert metrics.get("splicerelay_config_reloads_total", result="success") == 1
         assert metrics.get("splicerelay_worker_restarts_total") == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_every_worker_refused_is_not_what_a_restarted_worker_runs(
+    relay_factory, workers
+):
+    """The supervisor checks a config before the workers load it, but a worker can still
+    refuse one (here: an upstream name that does not resolve). When all of them refused
+    it, they all run the old config, and so must a worker that is restarted later."""
+    async with trio.open_nursery() as nursery:
+        old_port = await start_payload_server(nursery, 5, 1000, b"old")
+        listen_port = free_port()
+        relay = await relay_factory.astart(workers_config(listen_port, old_port))
+        before = await trio.to_thread.run_sync(workers.of, relay, 2)
+        template = relay.config_path.read_text()
+        relay.config_path.write_text(
+            template.replace(f"127.0.0.1:{old_port}", "no-such-host.invalid:9")
+        )
+        relay.process.send_signal(signal.SIGHUP)
+
+        def failed() -> bool:
+            return relay.metrics().get("splicerelay_config_reloads_total", result="failure") == 1
+
+        await trio.to_thread.run_sync(poll_until, failed, 30, "the refused reload")
+        assert await held_downloads(listen_port, 10) == [b"old"] * 10
+        victim = before[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_replaced(relay, workers, victim)
+
+        def both_ready() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{relay.metrics_port}/readyz", timeout=5
+                ) as reply:
+                    ready = reply.status == 200
+            except urllib.error.HTTPError:
+                return False  # 503 while a worker is not ready
+            return ready and relay.metrics().get("splicerelay_workers") == 2
+
+        await trio.to_thread.run_sync(poll_until, both_ready, 15, "the new worker to be ready")
+        assert await held_downloads(listen_port, 20) == [b"old"] * 20
+        metrics = relay.metrics()
+        assert metrics.get("splicerelay_worker_restarts_total") == 1
+        assert metrics.get("splicerelay_config_reloads_total", result="success") == 0
+        assert "worker failed" not in relay.stderr()
         nursery.cancel_scope.cancel()
 
 
