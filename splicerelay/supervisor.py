@@ -487,19 +487,24 @@ class Supervisor:
             result = "failure" if round_.failed or round_.waiting else "success"
             self.reloads[result] += 1
             latest = not self._rounds  # its snapshot is still the one on disk
-            if result == "failure" and latest and not round_.succeeded and not round_.waiting:
+            refused_by_all = result == "failure" and not round_.succeeded and not round_.waiting
+            if refused_by_all and not latest:
+                # The next reload started from this refused config; what the workers
+                # run is the one from before it, and that is what to go back to.
+                following = self._rounds[0]
+                following.previous_config = round_.previous_config
+                following.previous_text = round_.previous_text
+            if refused_by_all and latest:
                 # Every worker refused it (a name that does not resolve, say) and runs the
                 # config from before: so must a worker restarted from here on.
                 self.write_snapshot(round_.previous_text)
                 self.config = round_.previous_config
                 self._configure_logs()
+            if result == "failure":
                 log.error(
-                    "reload failed in every worker; the running config stays",
-                    extra={"fields": {"workers": sorted(round_.failed)}},
-                )
-            elif result == "failure":
-                log.error(
-                    "reload failed in some workers; see their log lines",
+                    "reload failed in every worker; the running config stays"
+                    if refused_by_all
+                    else "reload failed in some workers; see their log lines",
                     extra={"fields": {"workers": sorted(round_.failed)}},
                 )
             if latest and (round_.succeeded or round_.waiting):

@@ -407,6 +407,7 @@ async def test_a_reload_every_worker_refused_is_not_what_a_restarted_worker_runs
             return relay.metrics().get("splicerelay_config_reloads_total", result="failure") == 1
 
         await trio.to_thread.run_sync(poll_until, failed, 30, "the refused reload")
+        assert "reload failed in every worker; the running config stays" in relay.stderr()
         assert await held_downloads(listen_port, 10) == [b"old"] * 10
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
