@@ -507,7 +507,7 @@ class Supervisor:
                     else "reload failed in some workers; see their log lines",
                     extra={"fields": {"workers": sorted(round_.failed)}},
                 )
-            if latest and (round_.succeeded or round_.waiting):
+            if latest and not refused_by_all:
                 # The supervisor's copies of listeners no route uses any more: closed
                 # now, so a restarted worker does not get them (the workers close theirs
                 # as they reload). Not before: if every worker refused the config, the
