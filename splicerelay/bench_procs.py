@@ -20,11 +20,26 @@ POLL_INTERVAL = 0.02
 TCP_LISTEN = "0A"
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bind to 0, read it back, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
+# Ports free_port has handed out in this process.
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A loopback port that was free a moment ago (bind to 0, read it back, close).
+
+    Never the same port twice: once its probe is closed, the kernel may offer the same
+    port again, and a run that takes two ports (a server and the proxy in front of it)
+    must not get one port for both.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(1000):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError("no free loopback port that this process has not handed out already")
 
 
 def listening_ports(tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> set[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+# A port handed out once per test process: see free_port's docstring.
+from splicerelay.bench_procs import free_port
+
 STARTUP_TIMEOUT = 15.0
 SETTLE_TIMEOUT = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A loopback port that was free a moment ago (bind to 0, read it back)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def refused_port() -> int:

@@ -383,3 +383,11 @@ def bench_chart_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_free_port_never_hands_out_the_same_port_twice() -> None:
+    """The kernel may offer a released port again at once; two ports one test or one
+    bench run takes (a server and the proxy in front of it) must differ. 500 draws
+    from the ~28,000 ephemeral ports would repeat one almost surely without this."""
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
