@@ -22,6 +22,8 @@ import trio
 from .reactor import Reactor
 from .splice import (
     DONE,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
     WANT_PIPE,
     WANT_READ,
     WANT_WRITE,
@@ -143,10 +145,6 @@ def start_connect(target: UpstreamTarget) -> tuple[_socket.socket, bool]:
         close_socket(sock, tracked=False)
         raise ConnectError(connect_error_reason(OSError(status, ""))) from None
     return sock, False
-
-
-TCP_ESTABLISHED = 1  # include/net/tcp_states.h
-TCP_CLOSE = 7
 
 
 def handshake_status(sock: _socket.socket, family: int) -> int | None:

@@ -137,19 +137,8 @@ class PipePool:
         """A new pipe, for when the stack of `size` is empty; raises OSError."""
         return open_pipe(size, self._stats)
 
-    def acquire(self, size: int) -> Pipe:
-        stack = self.stack_for(size)
-        return stack.pop() if stack else self.open(size)
-
-    def release(self, pipe: Pipe, size: int, held: int) -> None:
-        """Return a pipe lent for `size`; `held` is how many bytes are still in it."""
-        stack = self.stack_for(size)
-        if held or len(stack) >= self.max_idle:
-            self.discard(pipe)
-        else:
-            stack.append(pipe)
-
     def discard(self, pipe: Pipe) -> None:
+        """Close a pipe instead of keeping it: one with bytes in it, or one too many."""
         pipe.close()
         self._stats.closed += 1
 
@@ -161,7 +150,9 @@ class PipePool:
             stack.clear()
 
 
-TCP_CLOSE = 7  # include/net/tcp_states.h
+# TCP states, from include/net/tcp_states.h.
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
 SIOCATMARK = 0x8905  # include/uapi/asm-generic/sockios.h: sockatmark(3)
 FIONREAD = 0x541B  # include/uapi/asm-generic/ioctls.h: bytes waiting to be read
 
@@ -297,8 +288,11 @@ class Flow:
         """Give back a pipe held at teardown; one with bytes in it is closed."""
         pipe = self.pipe
         if pipe is not None:
-            self.pipe = None
-            self._pool.release(pipe, self._pipe_size, self.held)
+            if self.held:
+                self.pipe = None
+                self._pool.discard(pipe)  # its bytes belong to nobody now
+            else:
+                self._give_back(pipe)
             self.held = 0
 
     def _end_of_stream(self) -> int:

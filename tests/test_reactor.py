@@ -35,6 +35,7 @@ from splicerelay.session import ConnectError, UpstreamTarget, start_connect
 
 from .harness import Relay, RelayFactory, free_port, poll_until, refused_port
 from .peers import (
+    Handler,
     Transfer,
     connect,
     expected_transfer,
@@ -79,6 +80,23 @@ def route(name: str, listen_port: int, upstreams: list[tuple[int, int]], extra: 
         for port, weight in upstreams
     )
     return f"  - name: {name}\n    listen: 127.0.0.1:{listen_port}\n    upstreams:\n{listed}{extra}"
+
+
+async def relay_in_front_of(
+    nursery: trio.Nursery,
+    relay_factory: RelayFactory,
+    name: str,
+    upstream: Handler,
+    extra: str = "",
+) -> tuple[Relay, int]:
+    """A trio upstream served by `upstream`, and a relay with one route to it: the
+    relay and the port it listens on."""
+    upstream_port = await start_server(nursery, upstream)
+    listen_port = free_port()
+    relay = await relay_factory.astart(
+        relay_config(route(name, listen_port, [(upstream_port, 1)], extra=extra))
+    )
+    return relay, listen_port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -227,11 +245,7 @@ async def test_half_closed_connections_leave_the_relay_idle(relay_factory):
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("idle", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "idle", upstream)
         with trio.fail_after(30):
             a = await connect(listen_port)
             await a.send_all(b"A")
@@ -287,11 +301,7 @@ async def test_back_pressure_both_ways_leaves_the_relay_idle_and_small(relay_fac
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("pressure", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "pressure", upstream)
         baseline_rss = relay.rss()
 
         async def uploader() -> None:
@@ -374,11 +384,7 @@ async def test_a_banner_from_the_upstream_reaches_a_silent_client(relay_factory)
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("banner", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "banner", upstream)
         for index, (mode, size) in enumerate(plans):
             stream = await connect(listen_port)
             with trio.fail_after(10):
@@ -790,11 +796,7 @@ async def test_client_reset_while_waiting_on_the_upstream_is_noticed_when_it_sen
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("late", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "late", upstream)
         with trio.fail_after(20):
             stream = await connect(listen_port)
             await send_payload(stream, seed=70, total=request_size)
@@ -837,11 +839,7 @@ async def test_client_reset_behind_a_stalled_upload_is_passed_on_as_a_reset(rela
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("stalled", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "stalled", upstream)
         previous: list[int] = []
 
         def stalled() -> bool:
@@ -885,11 +883,7 @@ async def test_urgent_data_neither_stalls_the_stream_nor_spins_the_relay(relay_f
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(route("urgent", listen_port, [(upstream_port, 1)]))
-        )
+        relay, listen_port = await relay_in_front_of(nursery, relay_factory, "urgent", upstream)
         with trio.fail_after(15):
             client = trio.socket.socket()
             await client.connect(("127.0.0.1", listen_port))
@@ -924,12 +918,8 @@ async def test_idle_cut_with_bytes_still_on_their_way_resets_the_reader(relay_fa
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        upstream_port = await start_server(nursery, upstream)
-        listen_port = free_port()
-        relay = await relay_factory.astart(
-            relay_config(
-                route("cut", listen_port, [(upstream_port, 1)], extra="    idle_timeout: 1s\n")
-            )
+        relay, listen_port = await relay_in_front_of(
+            nursery, relay_factory, "cut", upstream, extra="    idle_timeout: 1s\n"
         )
         with trio.fail_after(20):
             stream = await connect(listen_port)

@@ -3,6 +3,7 @@ real Prometheus server scraping the relay."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -12,7 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -184,19 +185,7 @@ async def test_reload_under_load_loses_nothing_and_moves_new_connections(
         new_port = await start_payload_server(nursery, 81, size, b"new")
         listen_port = free_port()
         relay = await relay_factory.astart(relay_config(listen_port, old_port))
-        results: list[tuple[bytes, Transfer]] = []
-
-        async def one() -> None:
-            results.append(await download(listen_port, 3, pace=0.004))
-
-        async with trio.open_nursery() as clients:
-            for _ in range(transfers):
-                clients.start_soon(one)
-
-            def all_flowing() -> bool:
-                return relay.metrics().get("splicerelay_connections_active") == transfers
-
-            await trio.to_thread.run_sync(poll_until, all_flowing, 10, "16 transfers in flight")
+        async with downloads_in_flight(relay, listen_port, transfers, pace=0.004) as results:
             relay.config_path.write_text(
                 relay.config_path.read_text().replace(
                     f"127.0.0.1:{old_port}", f"127.0.0.1:{new_port}"
@@ -237,19 +226,16 @@ async def test_reload_under_load_loses_nothing_and_moves_new_connections(
     assert "reload failed: invalid config" in relay.stderr()
 
 
-async def sigterm_during_downloads(
-    relay: Relay,
-    listen_port: int,
-    transfers: int,
-    while_draining: Callable[[], None] = lambda: None,
-) -> list[tuple[bytes, Transfer]]:
-    """Start `transfers` slow downloads, send SIGTERM while they flow, and return their
-    results; asserts that new clients are refused while the relay still runs, and calls
-    `while_draining` (more checks) before the downloads end."""
+@contextlib.asynccontextmanager
+async def downloads_in_flight(
+    relay: Relay, listen_port: int, transfers: int, pace: float
+) -> AsyncIterator[list[tuple[bytes, Transfer]]]:
+    """Start `transfers` paced downloads through the relay and wait until it counts them
+    all; the body runs while they flow, and the list holds their results on exit."""
     results: list[tuple[bytes, Transfer]] = []
 
     async def one() -> None:
-        results.append(await download(listen_port, 3, pace=0.01))
+        results.append(await download(listen_port, 3, pace=pace))
 
     async with trio.open_nursery() as clients:
         for _ in range(transfers):
@@ -259,6 +245,19 @@ async def sigterm_during_downloads(
             return relay.metrics().get("splicerelay_connections_active") == transfers
 
         await trio.to_thread.run_sync(poll_until, all_flowing, 10, "transfers in flight")
+        yield results
+
+
+async def sigterm_during_downloads(
+    relay: Relay,
+    listen_port: int,
+    transfers: int,
+    while_draining: Callable[[], None] = lambda: None,
+) -> list[tuple[bytes, Transfer]]:
+    """Start `transfers` slow downloads, send SIGTERM while they flow, and return their
+    results; asserts that new clients are refused while the relay still runs, and calls
+    `while_draining` (more checks) before the downloads end."""
+    async with downloads_in_flight(relay, listen_port, transfers, pace=0.01) as results:
         relay.process.send_signal(signal.SIGTERM)
 
         def refusing() -> bool:
