@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import trio
 
-from . import __version__, logs
-from .addresses import Address, AddressError, UnixAddress, parse_address
-from .config import (
+from splicerelay import __version__
+from splicerelay.config import (
     Config,
     ConfigError,
     config_from_args,
@@ -22,13 +21,21 @@ from .config import (
     render_config,
     worker_count,
 )
-from .listeners import ListenerSet, Role
-from .metrics import MetricsServer, make_registry
-from .server import Relay, RouteRuntime, StartupError, prepare_routes, session_record
-from .session import Outcome, Session
-from .stats import RelayStats
-from .systemd import Notifier, passed_sockets, watchdog_interval
-from .worker_env import (
+from splicerelay.config.addresses import Address, AddressError, UnixAddress, parse_address
+from splicerelay.datapath.session import Outcome, Session
+from splicerelay.datapath.stats import RelayStats
+from splicerelay.ops import logs
+from splicerelay.ops.metrics import MetricsServer, make_registry
+from splicerelay.ops.systemd import Notifier, passed_sockets, watchdog_interval
+from splicerelay.relay.listeners import ListenerSet, Role
+from splicerelay.relay.server import (
+    Relay,
+    RouteRuntime,
+    StartupError,
+    prepare_routes,
+    session_record,
+)
+from splicerelay.workers.contract import (
     CUT_SIGNAL,
     RELOAD_RESULT_FIELD,
     WorkerSetup,
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="benchmark against a direct connection and HAProxy")
-    from . import bench as bench_module
+    from splicerelay import bench as bench_module
 
     bench_module.add_arguments(bench)
     return parser
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return command_check(args)
     if args.command == "bench":
-        from . import bench as bench_module
+        from splicerelay import bench as bench_module
 
         return bench_module.run(args)
     parser.print_help(sys.stderr)
@@ -186,7 +193,7 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         log.error(f"cannot serve metrics on {metrics_address}: it must be a TCP address")
         return 1
     if worker is None and args.config and worker_count(config.workers) > 1:
-        from .supervisor import run_supervisor
+        from splicerelay.workers.supervisor import run_supervisor
 
         return run_supervisor(args, config, metrics_address)
 

@@ -21,7 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 # A port handed out once per test process: see free_port's docstring.
-from splicerelay.bench_procs import free_port
+from splicerelay.bench.procs import free_port
 
 STARTUP_TIMEOUT = 15.0
 SETTLE_TIMEOUT = 10.0

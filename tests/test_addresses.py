@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splicerelay.addresses import (
+from splicerelay.config.addresses import (
     Address,
     AddressError,
     TcpAddress,

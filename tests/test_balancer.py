@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splicerelay.balancer import (
+from splicerelay.protocol.balancer import (
     STRATEGIES,
     HealthState,
     SmoothRoundRobin,

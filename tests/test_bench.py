@@ -14,16 +14,17 @@ from typing import Any
 
 import pytest
 
-from splicerelay import bench, bench_targets
-from splicerelay.bench_load import (
+from splicerelay import bench
+from splicerelay.bench import targets as bench_targets
+from splicerelay.bench.load import (
     iperf3_client_command,
     redis_benchmark_command,
     start_targets,
     take_sample,
 )
-from splicerelay.bench_model import Measurement
-from splicerelay.bench_parse import BenchError
-from splicerelay.bench_procs import (
+from splicerelay.bench.model import Measurement
+from splicerelay.bench.parse import BenchError
+from splicerelay.bench.procs import (
     ProcessGroup,
     cpu_seconds,
     free_port,
@@ -31,7 +32,7 @@ from splicerelay.bench_procs import (
     process_tree,
     tree_usage,
 )
-from splicerelay.bench_targets import Endpoint, Tools
+from splicerelay.bench.targets import Endpoint, Tools
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from splicerelay import bench_idle
-from splicerelay.bench_idle import (
+from splicerelay.bench import idle as bench_idle
+from splicerelay.bench.idle import (
     client_skip_reason,
     connections_for,
     largest_fitting,
@@ -20,11 +20,11 @@ from splicerelay.bench_idle import (
     proxy_fds_needed,
     target_skip_reason,
 )
-from splicerelay.bench_parse import BenchError
-from splicerelay.bench_procs import ProcessGroup, TreeUsage, free_port
-from splicerelay.bench_progress import PlainProgress
-from splicerelay.bench_report import describe_sample
-from splicerelay.bench_targets import find_tools, relay_environment
+from splicerelay.bench.parse import BenchError
+from splicerelay.bench.procs import ProcessGroup, TreeUsage, free_port
+from splicerelay.bench.progress import PlainProgress
+from splicerelay.bench.report import describe_sample
+from splicerelay.bench.targets import find_tools, relay_environment
 
 # --- the fd budget ------------------------------------------------------------------------
 
@@ -160,8 +160,8 @@ def test_idle_connections_through_the_relay_cost_two_fds_each(tmp_path: Path) ->
 
 
 def test_echo_server_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    from splicerelay import bench_echo
+    from splicerelay.bench import echo as bench_echo
 
     assert bench_echo.main([]) == 2
     assert bench_echo.main(["not-a-port"]) == 2
-    assert "usage: python -m splicerelay.bench_echo PORT" in capsys.readouterr().err
+    assert "usage: python -m splicerelay.bench.echo PORT" in capsys.readouterr().err

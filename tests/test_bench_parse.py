@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from splicerelay.bench_parse import (
+from splicerelay.bench.parse import (
     BenchError,
     ProcCpu,
     parse_iperf3_json,

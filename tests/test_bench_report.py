@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from splicerelay import bench_chart, bench_progress
-from splicerelay.bench_idle import idle_scenario
-from splicerelay.bench_load import bulk_scenario, latency_scenario, rr_scenario
-from splicerelay.bench_model import (
+from splicerelay.bench import chart as bench_chart
+from splicerelay.bench import progress as bench_progress
+from splicerelay.bench.idle import idle_scenario
+from splicerelay.bench.load import bulk_scenario, latency_scenario, rr_scenario
+from splicerelay.bench.model import (
     Sample,
     ScenarioResult,
     median,
@@ -19,7 +20,7 @@ from splicerelay.bench_model import (
     ratios_to_baseline,
     summarize,
 )
-from splicerelay.bench_report import (
+from splicerelay.bench.report import (
     BenchReport,
     cell,
     describe_sample,

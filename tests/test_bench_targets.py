@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from splicerelay import bench_targets, cli
-from splicerelay.bench_targets import (
+from splicerelay import cli
+from splicerelay.bench import targets as bench_targets
+from splicerelay.bench.targets import (
     Tools,
     haproxy_config,
     missing_reason,

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from splicerelay.addresses import Address, TcpAddress, UnixAddress
 from splicerelay.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -39,6 +38,7 @@ from splicerelay.config import (
     parse_size,
     render_config,
 )
+from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
 
 FILE = "relay.yaml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.yaml"

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from . import without_splice
+
 from .harness import free_port, poll_until
 from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
 from .test_data_path import relay_config

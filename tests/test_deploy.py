@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from splicerelay.addresses import TcpAddress
 from splicerelay.config import Config, load_config
+from splicerelay.config.addresses import TcpAddress
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import trio
 
-from splicerelay.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, decode, encode_v1
+from splicerelay.protocol.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, decode, encode_v1
 
 from .harness import Relay, free_port, poll_until
 from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splicerelay.proxy_protocol import (
+from splicerelay.protocol.proxy_protocol import (
     HEADER_TIMEOUT_DEFAULT,
     MAX_V1_LENGTH,
     V2_SIGNATURE,

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import trio
 
-from splicerelay.reactor import Reactor
-from splicerelay.session import ConnectError, UpstreamTarget, start_connect
+from splicerelay.datapath.reactor import Reactor
+from splicerelay.datapath.session import ConnectError, UpstreamTarget, start_connect
 
 from .harness import Relay, RelayFactory, free_port, poll_until, refused_port
 from .peers import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from splicerelay.proxy_protocol import encode_v1, encode_v2
+from splicerelay.protocol.proxy_protocol import encode_v1, encode_v2
 
 from .harness import Relay, free_port, poll_until, refused_port
 from .peers import connect, receive_all, start_server

@@ -7,13 +7,13 @@ import socket
 import pytest
 import trio
 
-from splicerelay import upstreams as upstreams_module
-from splicerelay.addresses import TcpAddress
-from splicerelay.balancer import HealthState
 from splicerelay.config import HealthCheck, Upstream
-from splicerelay.session import UpstreamTarget
-from splicerelay.stats import UpstreamStats
-from splicerelay.upstreams import ResolveError, UpstreamRuntime, probe, refresh_addresses
+from splicerelay.config.addresses import TcpAddress
+from splicerelay.datapath.session import UpstreamTarget
+from splicerelay.datapath.stats import UpstreamStats
+from splicerelay.protocol.balancer import HealthState
+from splicerelay.relay import upstreams as upstreams_module
+from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, probe, refresh_addresses
 
 from .harness import refused_port
 from .peers import start_server

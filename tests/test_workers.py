@@ -25,14 +25,15 @@ from prometheus_client.registry import Collector
 
 from splicerelay import __version__
 from splicerelay.config import parse_config, render_config
-from splicerelay.merged_metrics import (
+from splicerelay.workers.contract import InheritedSocket, WorkerSetup, decode, encode
+from splicerelay.workers.merged_metrics import (
     cumulative_part,
     merge,
     parse_exposition,
     to_metrics,
     without,
 )
-from splicerelay.supervisor import (
+from splicerelay.workers.supervisor import (
     WORKER_WATCHDOG_ENV,
     WORKER_WATCHDOG_SECONDS,
     connections_in_status,
@@ -41,7 +42,6 @@ from splicerelay.supervisor import (
     status_line,
     worker_watchdog_seconds,
 )
-from splicerelay.worker_env import InheritedSocket, WorkerSetup, decode, encode
 
 from .harness import Relay, RelayFactory, child_pids, free_port, is_running, poll_until
 from .peers import (

@@ -21,7 +21,13 @@ from typing import Any, Final, Literal
 
 import yaml
 
-from .addresses import Address, AddressError, TcpAddress, UnixAddress, parse_address
+from splicerelay.config.addresses import (
+    Address,
+    AddressError,
+    TcpAddress,
+    UnixAddress,
+    parse_address,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -41,13 +47,16 @@ __all__ = [
     "Route",
     "Upstream",
     "config_from_args",
+    "file_identity",
     "format_duration",
     "format_size",
     "load_config",
     "parse_config",
     "parse_duration",
     "parse_size",
+    "read_config",
     "render_config",
+    "worker_count",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

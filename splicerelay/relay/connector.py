@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .reactor import Reactor
-from .session import ConnectError, connect_error_reason, start_connect
-from .splice import close_socket
-from .upstreams import UpstreamRuntime
+from splicerelay.datapath.flow import close_socket
+from splicerelay.datapath.reactor import Reactor
+from splicerelay.datapath.session import ConnectError, connect_error_reason, start_connect
+from splicerelay.relay.upstreams import UpstreamRuntime
 
 log = logging.getLogger("splicerelay")
 

@@ -27,7 +27,7 @@ import socket
 
 import trio
 
-from .stats import ByteCounter, PipeStats
+from splicerelay.datapath.stats import ByteCounter, PipeStats
 
 # Why only SPLICE_F_NONBLOCK: it makes the *pipe* side non-blocking (the socket side
 # follows the socket's own O_NONBLOCK). SPLICE_F_MOVE is a no-op in the kernel, and

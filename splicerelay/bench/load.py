@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from .bench_model import (
+from splicerelay.bench.model import (
     BITS_PER_SECOND,
     CPU_PER_GB,
     CPU_PER_MILLION_REQUESTS,
@@ -25,8 +25,8 @@ from .bench_model import (
     Scenario,
     ScenarioResult,
 )
-from .bench_parse import BenchError, parse_iperf3_json, parse_redis_benchmark_csv
-from .bench_procs import (
+from splicerelay.bench.parse import BenchError, parse_iperf3_json, parse_redis_benchmark_csv
+from splicerelay.bench.procs import (
     LOOPBACK,
     POLL_INTERVAL,
     ProcessGroup,
@@ -35,8 +35,8 @@ from .bench_procs import (
     process_tree,
     run_tool,
 )
-from .bench_progress import Progress
-from .bench_targets import Endpoint, StartOptions, Tools, start_proxy
+from splicerelay.bench.progress import Progress
+from splicerelay.bench.targets import Endpoint, StartOptions, Tools, start_proxy
 
 # iperf3 serves one test at a time and refuses a client that arrives while the previous
 # test is still being torn down; such a client is retried for this long.

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .bench_model import BASELINE, ScenarioResult, summarize
-from .bench_report import format_number
+from splicerelay.bench.model import BASELINE, ScenarioResult, summarize
+from splicerelay.bench.report import format_number
 
 COLUMNS = 2
 PANEL_WIDTH = 6.0

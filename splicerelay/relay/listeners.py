@@ -19,9 +19,9 @@ import socket
 import stat
 from collections.abc import Callable
 
-from .addresses import Address, TcpAddress, UnixAddress
-from .systemd import PassedSocket
-from .upstreams import ResolveError, resolve
+from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
+from splicerelay.ops.systemd import PassedSocket
+from splicerelay.relay.upstreams import ResolveError, resolve
 
 LISTEN_BACKLOG = 4096
 

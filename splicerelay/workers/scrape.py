@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .merged_metrics import (
+from splicerelay.workers.merged_metrics import (
     Exposition,
     cumulative_part,
     merge,

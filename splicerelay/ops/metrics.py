@@ -26,9 +26,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .addresses import Address, TcpAddress, UnixAddress
-from .session import Outcome
-from .stats import Histogram, RelayStats, RouteStats
+from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
+from splicerelay.datapath.session import Outcome
+from splicerelay.datapath.stats import Histogram, RelayStats, RouteStats
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 PATHS = ("splice", "copy")

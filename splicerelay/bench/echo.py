@@ -1,4 +1,4 @@
-"""The upstream of the idle workload: `python -m splicerelay.bench_echo PORT`.
+"""The upstream of the idle workload: `python -m splicerelay.bench.echo PORT`.
 
 A single-threaded epoll echo server on loopback that holds many thousands of idle
 connections cheaply. It runs as its own process so that its sockets count against its
@@ -78,7 +78,7 @@ def echo(connection: socket.socket, selector: selectors.BaseSelector) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m splicerelay.bench_echo PORT", file=sys.stderr)
+        print("usage: python -m splicerelay.bench.echo PORT", file=sys.stderr)
         return 2
     raise_nofile_limit()
     serve(int(argv[0]))

@@ -12,7 +12,13 @@ import socket
 
 import trio
 
-from .proxy_protocol import ProxyHeader, ProxyHeaderError, decode, encode_v1, encode_v2
+from splicerelay.protocol.proxy_protocol import (
+    ProxyHeader,
+    ProxyHeaderError,
+    decode,
+    encode_v1,
+    encode_v2,
+)
 
 # Enough for any v1 header (107 bytes) and a v2 header with a few TLVs; a longer v2
 # header is read in further rounds.

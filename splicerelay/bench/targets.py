@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench_parse import BenchError, short_version, version_line
-from .bench_procs import LOOPBACK, ProcessGroup, free_port, run_tool
+from splicerelay.bench.parse import BenchError, short_version, version_line
+from splicerelay.bench.procs import LOOPBACK, ProcessGroup, free_port, run_tool
 
 TARGETS = ("direct", "relay", "relay-auto", "relay-copy", "haproxy", "socat", "pproxy")
 PROXIES = TARGETS[1:]

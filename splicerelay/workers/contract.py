@@ -25,7 +25,7 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from .systemd import PassedSocket
+from splicerelay.ops.systemd import PassedSocket
 
 WORKER_ENV = "SPLICERELAY_WORKER"
 # Supervisor → worker: close every connection now (the operator's second stop signal).

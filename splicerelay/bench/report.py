@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .bench_model import (
+from splicerelay.bench.model import (
     BASELINE,
     Sample,
     Scenario,

@@ -35,9 +35,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .bench_chart import write_png
-from .bench_idle import run_idle
-from .bench_load import (
+from splicerelay.bench.chart import write_png
+from splicerelay.bench.idle import run_idle
+from splicerelay.bench.load import (
     Load,
     bulk_scenario,
     conn_scenario,
@@ -50,11 +50,11 @@ from .bench_load import (
     run_redis_benchmark,
     start_targets,
 )
-from .bench_model import Measurement, Scenario, ScenarioResult
-from .bench_procs import ProcessGroup, listening_ports
-from .bench_progress import Progress, make_progress
-from .bench_report import BenchReport, describe_sample, render_markdown, report_json
-from .bench_targets import (
+from splicerelay.bench.model import Measurement, Scenario, ScenarioResult
+from splicerelay.bench.procs import ProcessGroup, listening_ports
+from splicerelay.bench.progress import Progress, make_progress
+from splicerelay.bench.report import BenchReport, describe_sample, render_markdown, report_json
+from splicerelay.bench.targets import (
     TARGETS,
     Endpoint,
     Tools,

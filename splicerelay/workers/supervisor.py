@@ -38,14 +38,14 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from . import __version__, logs
-from .addresses import Address, UnixAddress
-from .config import Config, ConfigError, file_identity, read_config, worker_count
-from .listeners import ListenError, ListenerSet, Role
-from .merged_metrics import Exposition, counter_family, gauge_family
-from .metrics import MetricsServer
-from .systemd import Notifier, NotifyReceiver, passed_sockets, watchdog_interval
-from .worker_env import (
+from splicerelay import __version__
+from splicerelay.config import Config, ConfigError, file_identity, read_config, worker_count
+from splicerelay.config.addresses import Address, UnixAddress
+from splicerelay.ops import logs
+from splicerelay.ops.metrics import MetricsServer
+from splicerelay.ops.systemd import Notifier, NotifyReceiver, passed_sockets, watchdog_interval
+from splicerelay.relay.listeners import ListenError, ListenerSet, Role
+from splicerelay.workers.contract import (
     CUT_SIGNAL,
     RELOAD_RESULT_FIELD,
     WORKER_ENV,
@@ -53,7 +53,8 @@ from .worker_env import (
     WorkerSetup,
     encode,
 )
-from .worker_scrape import WorkerScraper, WorkerView, make_merged_registry
+from splicerelay.workers.merged_metrics import Exposition, counter_family, gauge_family
+from splicerelay.workers.scrape import WorkerScraper, WorkerView, make_merged_registry
 
 log = logging.getLogger("splicerelay")
 

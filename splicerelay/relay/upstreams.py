@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import trio
 
-from .addresses import Address, TcpAddress, UnixAddress, is_ip_literal
-from .balancer import HealthState
-from .config import HealthCheck, Upstream
-from .session import ConnectError, UpstreamTarget, connect
-from .splice import close_socket
-from .stats import UpstreamStats
+from splicerelay.config import HealthCheck, Upstream
+from splicerelay.config.addresses import Address, TcpAddress, UnixAddress, is_ip_literal
+from splicerelay.datapath.flow import close_socket
+from splicerelay.datapath.session import ConnectError, UpstreamTarget, connect
+from splicerelay.datapath.stats import UpstreamStats
+from splicerelay.protocol.balancer import HealthState
 
 log = logging.getLogger("splicerelay")
 

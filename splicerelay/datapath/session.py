@@ -19,8 +19,7 @@ from enum import StrEnum
 
 import trio
 
-from .reactor import Reactor
-from .splice import (
+from splicerelay.datapath.flow import (
     DONE,
     TCP_CLOSE,
     TCP_ESTABLISHED,
@@ -34,7 +33,8 @@ from .splice import (
     abort_socket,
     close_socket,
 )
-from .stats import RouteStats, UpstreamStats
+from splicerelay.datapath.reactor import Reactor
+from splicerelay.datapath.stats import RouteStats, UpstreamStats
 
 
 class Outcome(StrEnum):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .bench_model import (
+from splicerelay.bench.model import (
     FDS_PER_CONNECTION,
     PSS_PER_CONNECTION,
     RSS_PER_CONNECTION,
@@ -31,10 +31,17 @@ from .bench_model import (
     Scenario,
     ScenarioResult,
 )
-from .bench_parse import BenchError
-from .bench_procs import LOOPBACK, ProcessGroup, TreeUsage, free_port, tree_usage
-from .bench_progress import Progress
-from .bench_targets import FORKING, Endpoint, StartOptions, Tools, relay_environment, start_proxy
+from splicerelay.bench.parse import BenchError
+from splicerelay.bench.procs import LOOPBACK, ProcessGroup, TreeUsage, free_port, tree_usage
+from splicerelay.bench.progress import Progress
+from splicerelay.bench.targets import (
+    FORKING,
+    Endpoint,
+    StartOptions,
+    Tools,
+    relay_environment,
+    start_proxy,
+)
 
 IDLE_MESSAGE = b"ping\n"
 # fds a proxy holds besides its two sockets per connection: listener, epoll, stdio, logs,
@@ -214,7 +221,7 @@ def measure_idle(endpoint: Endpoint, connections: int) -> Measurement:
 
 
 def echo_server_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "splicerelay.bench_echo", str(port)]
+    return [sys.executable, "-m", "splicerelay.bench.echo", str(port)]
 
 
 def run_idle(

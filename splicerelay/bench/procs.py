@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_parse import BenchError, parse_kib_field, parse_proc_stat
+from splicerelay.bench.parse import BenchError, parse_kib_field, parse_proc_stat
 
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT = 15.0

@@ -19,16 +19,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .balancer import Strategy, make_strategy
-from .config import Config, Route
-from .connector import Connector
-from .handshake import ProxyHeaderRejected, build_proxy_header, receive_proxy_header
-from .listeners import ListenError, ListenerSet
-from .reactor import Reactor
-from .session import Outcome, Session, accept_client, prepare_accepted
-from .splice import PipePool, close_socket
-from .stats import RelayStats, RouteStats
-from .upstreams import (
+from splicerelay.config import Config, Route
+from splicerelay.datapath.flow import PipePool, close_socket
+from splicerelay.datapath.reactor import Reactor
+from splicerelay.datapath.session import Outcome, Session, accept_client, prepare_accepted
+from splicerelay.datapath.stats import RelayStats, RouteStats
+from splicerelay.protocol.balancer import Strategy, make_strategy
+from splicerelay.relay.connector import Connector
+from splicerelay.relay.listeners import ListenError, ListenerSet
+from splicerelay.relay.proxy_header import (
+    ProxyHeaderRejected,
+    build_proxy_header,
+    receive_proxy_header,
+)
+from splicerelay.relay.upstreams import (
     ResolveError,
     UpstreamRuntime,
     make_upstreams,

@@ -1,0 +1,2 @@
+"""The data path: sockets, the shared epoll reactor, flows through kernel pipes, sessions
+and plain counters. No task per connection."""

@@ -1,0 +1,1 @@
+"""Operations: the Prometheus collector and endpoint, logs, and systemd integration."""

@@ -1,0 +1,1 @@
+"""Several worker processes: the supervisor, the worker contract, and merging workers' metrics."""
