@@ -22,11 +22,12 @@ from splicerelay.config import (
     worker_count,
 )
 from splicerelay.config.addresses import Address, AddressError, UnixAddress, parse_address
-from splicerelay.datapath.session import Outcome, Session
+from splicerelay.datapath.session import Session
 from splicerelay.datapath.stats import RelayStats
 from splicerelay.ops import logs
 from splicerelay.ops.metrics import MetricsServer, make_registry
 from splicerelay.ops.systemd import Notifier, passed_sockets, watchdog_interval
+from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.listeners import ListenerSet, Role
 from splicerelay.relay.server import (
     Relay,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import RelayFactory
+from tests.support.harness import RelayFactory
 
 
 @pytest.fixture

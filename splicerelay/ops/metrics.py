@@ -27,8 +27,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
-from splicerelay.datapath.session import Outcome
 from splicerelay.datapath.stats import Histogram, RelayStats, RouteStats
+from splicerelay.protocol.outcome import Outcome
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 PATHS = ("splice", "copy")

@@ -22,9 +22,10 @@ import trio
 from splicerelay.config import Config, Route
 from splicerelay.datapath.flow import PipePool, close_socket
 from splicerelay.datapath.reactor import Reactor
-from splicerelay.datapath.session import Outcome, Session, accept_client, prepare_accepted
+from splicerelay.datapath.session import Session, accept_client, prepare_accepted
 from splicerelay.datapath.stats import RelayStats, RouteStats
 from splicerelay.protocol.balancer import Strategy, make_strategy
+from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.connector import Connector
 from splicerelay.relay.listeners import ListenError, ListenerSet
 from splicerelay.relay.proxy_header import (

@@ -7,11 +7,16 @@ import sys
 import pytest
 import trio
 
-from . import without_splice
-
-from .harness import free_port, poll_until
-from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
-from .test_data_path import relay_config
+from tests.support import without_splice
+from tests.support.harness import free_port, poll_until, relay_config
+from tests.support.peers import (
+    Transfer,
+    connect,
+    expected_transfer,
+    receive_all,
+    send_payload,
+    start_server,
+)
 
 MiB = 1 << 20
 
@@ -67,7 +72,7 @@ async def exchange(relay_factory, size: int, **start_options: object):  # type: 
 async def test_kernel_refusing_splice_falls_back_to_copy_and_counts_it(relay_factory):
     size = 8 * MiB + 5
     relay = await exchange(
-        relay_factory, size, prefix=[sys.executable, "-m", "tests.without_splice"]
+        relay_factory, size, prefix=[sys.executable, "-m", "tests.support.without_splice"]
     )
     metrics = relay.metrics()
     for direction in ("client_to_upstream", "upstream_to_client"):

@@ -9,11 +9,8 @@ import pytest
 import trio
 
 from splicerelay import __version__
-
-from .harness import free_port, poll_until
-from .peers import connect, start_server
-from .test_data_path import relay_config
-from .test_routes import echo
+from tests.support.harness import free_port, poll_until, relay_config
+from tests.support.peers import connect, echo, start_server
 
 EXPECTED_FAMILIES = {
     "splicerelay_bytes_total": "counter",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import random
@@ -95,3 +96,50 @@ def reset(stream: trio.SocketStream) -> None:
     """Close with RST: SO_LINGER with a zero timeout discards unsent data."""
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     stream.socket.close()
+
+
+def blackholed_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A port that never answers SYNs: listen(0) with its queue already full.
+
+    Linux drops SYNs for a listener whose accept queue is full, so connects to it hang
+    until their own timeout, like a firewalled host, without leaving loopback.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    return listener, fillers
+
+
+def close_blackhole(listener: socket.socket, fillers: list[socket.socket]) -> None:
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        await stream.send_all(data)
+    await stream.aclose()
+
+
+async def round_trip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    stream = await connect(port, host)
+    try:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        reply = b""
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+        return reply
+    finally:
+        await stream.aclose()

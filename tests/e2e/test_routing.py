@@ -12,12 +12,9 @@ import pytest
 import trio
 
 from splicerelay.protocol.proxy_protocol import encode_v1, encode_v2
-
-from .harness import Relay, free_port, poll_until, refused_port
-from .peers import connect, receive_all, start_server
-from .real_peers import haproxy_sending_proxy_v2, nginx_proxy_echo
-from .test_data_path import relay_config
-from .test_routes import echo
+from tests.support.harness import Relay, free_port, poll_until, refused_port, relay_config
+from tests.support.peers import connect, echo, receive_all, start_server
+from tests.support.real_peers import haproxy_sending_proxy_v2, nginx_proxy_echo
 
 
 async def http_get(port: int, host: str = "127.0.0.1") -> tuple[str, tuple[str, int]]:

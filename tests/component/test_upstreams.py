@@ -14,9 +14,8 @@ from splicerelay.datapath.stats import UpstreamStats
 from splicerelay.protocol.balancer import HealthState
 from splicerelay.relay import upstreams as upstreams_module
 from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, probe, refresh_addresses
-
-from .harness import refused_port
-from .peers import start_server
+from tests.support.harness import refused_port
+from tests.support.peers import start_server
 
 
 def runtime_for(host: str, port: int, sockaddr: tuple[str, int]) -> UpstreamRuntime:

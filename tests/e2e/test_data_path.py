@@ -11,8 +11,8 @@ import time
 
 import trio
 
-from .harness import free_port, poll_until, refused_port
-from .peers import (
+from tests.support.harness import free_port, poll_until, refused_port, relay_config
+from tests.support.peers import (
     Transfer,
     connect,
     expected_transfer,
@@ -23,21 +23,6 @@ from .peers import (
 )
 
 MiB = 1 << 20
-
-
-def relay_config(listen_port: int, *upstream_ports: int, extra: str = "") -> str:
-    upstreams = "".join(f"      - address: 127.0.0.1:{port}\n" for port in upstream_ports)
-    return (
-        "metrics:\n"
-        "  listen: 127.0.0.1:{metrics_port}\n"
-        "log: {level: info, format: json, access_log: true}\n"
-        "shutdown_timeout: 5s\n"
-        "routes:\n"
-        "  - name: test\n"
-        f"    listen: 127.0.0.1:{listen_port}\n"
-        "    upstreams:\n"
-        f"{upstreams}{extra}"
-    )
 
 
 async def test_256_mib_each_way_at_once_arrives_intact_and_all_spliced(relay_factory):

@@ -17,10 +17,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from .harness import Relay, free_port, poll_until
-from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
-from .test_data_path import relay_config
-from .test_routes import echo, round_trip
+from tests.support.harness import Relay, free_port, poll_until, relay_config
+from tests.support.peers import (
+    Transfer,
+    connect,
+    echo,
+    expected_transfer,
+    receive_all,
+    round_trip,
+    send_payload,
+    start_server,
+)
 
 MiB = 1 << 20
 KiB = 1 << 10

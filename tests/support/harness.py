@@ -253,3 +253,18 @@ class RelayFactory:
             if relay.process.poll() is None:
                 relay.process.kill()
                 relay.process.wait(timeout=10)
+
+
+def relay_config(listen_port: int, *upstream_ports: int, extra: str = "") -> str:
+    upstreams = "".join(f"      - address: 127.0.0.1:{port}\n" for port in upstream_ports)
+    return (
+        "metrics:\n"
+        "  listen: 127.0.0.1:{metrics_port}\n"
+        "log: {level: info, format: json, access_log: true}\n"
+        "shutdown_timeout: 5s\n"
+        "routes:\n"
+        "  - name: test\n"
+        f"    listen: 127.0.0.1:{listen_port}\n"
+        "    upstreams:\n"
+        f"{upstreams}{extra}"
+    )

@@ -3,7 +3,7 @@
 Not collected by a plain `pytest` run (the file is not named test_*.py) and marked slow.
 Run it explicitly:
 
-    pytest tests/soak.py -m slow -s
+    pytest tests/e2e/soak.py -m slow -s
 
 SOAK_SECONDS sets the duration (default 600). Bulk transfers (sha256-checked both ways),
 short request/response connections and connection churn (clean closes and resets) run
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from .harness import Relay, free_port
-from .peers import Transfer, connect, receive_all, send_payload, start_server
-from .test_data_path import relay_config
+from tests.support.harness import Relay, free_port, relay_config
+from tests.support.peers import Transfer, connect, receive_all, send_payload, start_server
 
 MiB = 1 << 20
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))

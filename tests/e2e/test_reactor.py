@@ -32,11 +32,12 @@ import trio
 
 from splicerelay.datapath.reactor import Reactor
 from splicerelay.datapath.session import ConnectError, UpstreamTarget, start_connect
-
-from .harness import Relay, RelayFactory, free_port, poll_until, refused_port
-from .peers import (
+from tests.support.harness import Relay, RelayFactory, free_port, poll_until, refused_port
+from tests.support.peers import (
     Handler,
     Transfer,
+    blackholed_listener,
+    close_blackhole,
     connect,
     expected_transfer,
     receive_all,
@@ -44,7 +45,6 @@ from .peers import (
     send_payload,
     start_server,
 )
-from .test_routes import blackholed_listener, close_blackhole
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from .harness import Relay, free_port, poll_until, refused_port
-from .peers import (
+from tests.support.harness import Relay, free_port, poll_until, refused_port, relay_config
+from tests.support.peers import (
     Handler,
     Transfer,
+    blackholed_listener,
+    close_blackhole,
     connect,
     expected_transfer,
     receive_all,
@@ -35,8 +37,6 @@ from .peers import (
     send_payload,
     start_server,
 )
-from .test_data_path import relay_config
-from .test_routes import blackholed_listener, close_blackhole
 
 MiB = 1 << 20
 GiB = 1 << 30

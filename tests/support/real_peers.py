@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from splicerelay.bench import listening_ports
-
-from .harness import free_port, poll_until
+from tests.support.harness import free_port, poll_until
 
 
 def require(program: str, package: str) -> str:

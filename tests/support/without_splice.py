@@ -1,6 +1,6 @@
 """Run a command on a kernel that says splice(2) does not exist.
 
-`python -m tests.without_splice CMD...` installs a seccomp filter that makes every
+`python -m tests.support.without_splice CMD...` installs a seccomp filter that makes every
 splice(2) fail with ENOSYS, then execs CMD. The relay under it sees exactly what it would
 see on a kernel or file type without splice support, so the copy fallback is tested
 against a real kernel refusal rather than a mock.

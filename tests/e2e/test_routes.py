@@ -3,7 +3,6 @@ pipe size, and listeners on IPv6 and unix sockets. All on real loopback sockets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
@@ -15,58 +14,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from .harness import free_port, poll_until
-from .peers import Transfer, connect, expected_transfer, receive_all, send_payload, start_server
-from .test_data_path import relay_config
+from tests.support.harness import free_port, poll_until, relay_config
+from tests.support.peers import (
+    Transfer,
+    blackholed_listener,
+    close_blackhole,
+    connect,
+    echo,
+    expected_transfer,
+    receive_all,
+    round_trip,
+    send_payload,
+    start_server,
+)
 
 MiB = 1 << 20
-
-
-def blackholed_listener() -> tuple[socket.socket, list[socket.socket]]:
-    """A port that never answers SYNs: listen(0) with its queue already full.
-
-    Linux drops SYNs for a listener whose accept queue is full, so connects to it hang
-    until their own timeout, like a firewalled host, without leaving loopback.
-    """
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(listener.getsockname())
-        fillers.append(filler)
-    return listener, fillers
-
-
-def close_blackhole(listener: socket.socket, fillers: list[socket.socket]) -> None:
-    for filler in fillers:
-        filler.close()
-    listener.close()
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            break
-        await stream.send_all(data)
-    await stream.aclose()
-
-
-async def round_trip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    stream = await connect(port, host)
-    try:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        reply = b""
-        while chunk := await stream.receive_some(65536):
-            reply += chunk
-        return reply
-    finally:
-        await stream.aclose()
 
 
 async def test_connect_timeout_fails_over_from_a_blackholed_upstream(relay_factory):

@@ -12,9 +12,8 @@ import pytest
 import trio
 
 from splicerelay import __version__
-
-from .harness import free_port, poll_until
-from .peers import connect, receive_all, start_server
+from tests.support.harness import free_port, poll_until
+from tests.support.peers import connect, receive_all, start_server
 
 VALID = """\
 routes:
@@ -144,7 +143,7 @@ async def test_one_off_relay_from_flags_relays_and_stops_cleanly_on(signum: int,
     assert "Traceback" not in stderr_path.read_text()
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "relay.yaml"
 
 
 def test_example_config_is_valid():

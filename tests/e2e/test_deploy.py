@@ -25,7 +25,7 @@ import yaml
 from splicerelay.config import Config, load_config
 from splicerelay.config.addresses import TcpAddress
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SERVICE_UNIT = DEPLOY / "systemd" / "splicerelay.service"
 SOCKET_UNIT = DEPLOY / "systemd" / "splicerelay.socket"

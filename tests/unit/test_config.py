@@ -41,7 +41,7 @@ from splicerelay.config import (
 from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
 
 FILE = "relay.yaml"
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "relay.yaml"
 PROPERTY = settings(
     max_examples=300,
     database=None,

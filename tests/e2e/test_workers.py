@@ -42,16 +42,22 @@ from splicerelay.workers.supervisor import (
     status_line,
     worker_watchdog_seconds,
 )
-
-from .harness import Relay, RelayFactory, child_pids, free_port, is_running, poll_until
-from .peers import (
+from tests.support.harness import (
+    Relay,
+    RelayFactory,
+    child_pids,
+    free_port,
+    is_running,
+    poll_until,
+    relay_config,
+)
+from tests.support.peers import (
     connect,
+    echo,
     expected_transfer,
     start_server,
 )
-from .test_data_path import relay_config
-from .test_routes import echo
-from .test_service import (
+from tests.support.service import (
     NotifySocket,
     can_connect,
     connect_when_listening,

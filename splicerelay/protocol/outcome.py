@@ -1,0 +1,21 @@
+"""How a connection ended: the `outcome` label of `splicerelay_connections_total`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a connection ended; the `outcome` label of connections_total."""
+
+    COMPLETED = "completed"  # both directions reached EOF
+    CLIENT_RESET = "client_reset"  # the client reset or failed
+    UPSTREAM_RESET = "upstream_reset"  # the upstream reset or failed
+    CONNECT_FAILED = "connect_failed"  # no upstream accepted the connection
+    IDLE_TIMEOUT = "idle_timeout"  # no byte either way for idle_timeout
+    SHUTDOWN = "shutdown"  # still running when the shutdown timeout ran out
+    DENIED = "denied"  # the client address is not allowed on this route
+    NO_UPSTREAM = "no_upstream"  # every upstream is down
+    BAD_PROXY_HEADER = "bad_proxy_header"  # accept_proxy_protocol, and no valid header came
+    MAX_DURATION = "max_duration"  # open for longer than max_duration
+    SOURCE_LIMIT = "source_limit"  # the client address already holds its maximum
