@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from splicerelay import cli
 from splicerelay.bench import targets as bench_targets
 from splicerelay.bench.targets import (
     Tools,
@@ -23,6 +22,7 @@ from splicerelay.bench.targets import (
     target_skip_reason,
 )
 from splicerelay.config import load_config
+from splicerelay.relay import service as relay_service
 
 ALL_TOOLS: Tools = {
     name: [f"/usr/bin/{name}"]
@@ -81,10 +81,10 @@ def test_relay_command_runs_this_package_without_metrics() -> None:
 
 
 def test_relay_copy_environment_forces_the_copy_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert bench_targets.FORCE_COPY_ENV == cli.FORCE_COPY_ENV
-    monkeypatch.setenv(cli.FORCE_COPY_ENV, "1")
-    assert cli.FORCE_COPY_ENV not in relay_environment()
-    assert relay_environment(force_copy=True)[cli.FORCE_COPY_ENV] == "1"
+    assert bench_targets.FORCE_COPY_ENV == relay_service.FORCE_COPY_ENV
+    monkeypatch.setenv(relay_service.FORCE_COPY_ENV, "1")
+    assert relay_service.FORCE_COPY_ENV not in relay_environment()
+    assert relay_environment(force_copy=True)[relay_service.FORCE_COPY_ENV] == "1"
     package_parent = str(Path(bench_targets.__file__).resolve().parent.parent)
     assert relay_environment()["PYTHONPATH"].split(":")[0] == package_parent
 

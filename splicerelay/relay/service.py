@@ -1,0 +1,262 @@
+"""The relay as a running service: one process serving every route, until a signal.
+
+This is `splicerelay run` when it runs alone (workers: 1) and also what each worker process
+of a supervisor runs. It builds the relay from a validated config, serves /metrics, keeps
+the service manager informed (READY, RELOADING, STOPPING, STATUS, WATCHDOG), reloads on
+SIGHUP or a changed file, and drains on SIGTERM/SIGINT. What differs in a worker comes in
+as an `AsWorker` value, so that this layer needs nothing from the supervisor's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from splicerelay import __version__
+from splicerelay.config import Config, ConfigError, load_config
+from splicerelay.config.addresses import Address
+from splicerelay.datapath.session import Session
+from splicerelay.datapath.stats import RelayStats
+from splicerelay.ops.metrics import MetricsServer, make_registry
+from splicerelay.ops.service import (
+    STATUS_INTERVAL,
+    WATCH_INTERVAL,
+    FileWatch,
+    RunOptions,
+    configure_logs,
+    log_reload_refused,
+    status_line,
+    warn_restart_only_changes,
+)
+from splicerelay.ops.systemd import Notifier, watchdog_interval
+from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.listeners import ListenerSet
+from splicerelay.relay.server import (
+    Relay,
+    RouteRuntime,
+    StartupError,
+    prepare_routes,
+    session_record,
+)
+
+log = logging.getLogger("splicerelay")
+access_log = logging.getLogger("splicerelay.access")
+
+# Diagnostics only: set to 1 to move every byte through user space instead of splice(2),
+# e.g. to rule the zero-copy path in or out while chasing a problem.
+FORCE_COPY_ENV = "SPLICERELAY_FORCE_COPY"
+
+
+@dataclass(frozen=True)
+class AsWorker:
+    """How the service differs when a supervisor runs this process as one of its workers."""
+
+    slot: int  # tagged on every log line
+    cut_signal: signal.Signals  # the supervisor's "close every connection now"
+    reload_result_field: str  # the notify field that tells the supervisor how a reload went
+
+
+class WorkerTag(logging.Filter):
+    """Adds `worker` (the slot) to every line a worker process logs."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**getattr(record, "fields", {}), "worker": self.slot}
+        return True
+
+
+def configure_service_logs(
+    options: RunOptions, config: Config, worker: AsWorker | None = None
+) -> None:
+    configure_logs(options, config)
+    if worker is not None:
+        tag = WorkerTag(worker.slot)
+        for handler in (*log.handlers, *access_log.handlers):
+            handler.addFilter(tag)
+
+
+def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
+
+
+def relay_status(relay: Relay) -> str:
+    return status_line(relay.active_sessions)
+
+
+class Reloader:
+    """Re-reads the config file and applies it; one reload at a time."""
+
+    def __init__(
+        self,
+        options: RunOptions,
+        relay: Relay,
+        notifier: Notifier,
+        worker: AsWorker | None = None,
+    ) -> None:
+        self.options = options
+        self.path = options.config_path
+        self.relay = relay
+        self.notifier = notifier
+        self.worker = worker
+        self._lock = trio.Lock()
+
+    async def reload(self, reason: str) -> None:
+        if self.path is None:
+            log.warning("nothing to reload: the relay runs from command-line flags")
+            return
+        async with self._lock:
+            self.notifier.reloading()
+            reloads = self.relay.stats.config_reloads
+            result = "failure"
+            try:
+                config = await trio.to_thread.run_sync(load_config, self.path)
+                if self.worker is None:  # (a worker's supervisor says this, once, for all)
+                    warn_restart_only_changes(self.relay.config, config, ("metrics",))
+                await self.relay.reload(config)
+            except (ConfigError, StartupError) as error:
+                reloads["failure"] += 1
+                log_reload_refused(reason, error)
+            else:
+                reloads["success"] += 1
+                result = "success"
+                configure_service_logs(self.options, config, self.worker)
+            finally:
+                # A worker tells its supervisor how the reload went, which counts it.
+                extra = (
+                    () if self.worker is None else (f"{self.worker.reload_result_field}={result}",)
+                )
+                self.notifier.ready(relay_status(self.relay), *extra)
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Reload when the file changes; also when a ConfigMap swaps its symlink."""
+        assert self.path is not None
+        watch = FileWatch(self.path)
+        while True:
+            await trio.sleep(interval)
+            if watch.changed():
+                await self.reload("file changed")
+
+
+async def keep_service_manager_informed(relay: Relay, notifier: Notifier) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC, and STATUS= with the connection count."""
+    watchdog = watchdog_interval()
+    interval = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
+    last_status = ""
+    while True:
+        if watchdog:
+            notifier.watchdog()
+        status = relay_status(relay)
+        if status != last_status:
+            notifier.status(status)
+            last_status = status
+        await trio.sleep(interval)
+
+
+async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Reloader) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short.
+
+    SIGHUP reloads the config file. A worker process takes its cue for cutting the drain
+    short from its supervisor (its cut signal) only; a repeated SIGTERM does nothing more.
+    """
+    worker = reloader.worker
+    watched: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    if worker is not None:
+        watched += (worker.cut_signal,)
+    with trio.open_signal_receiver(*watched) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await relay.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            notifier.ready(relay_status(relay))
+            log.info(
+                "ready" if worker is None else "worker ready",
+                extra={
+                    "fields": {
+                        "version": __version__,
+                        "routes": {r.route.name: str(r.route.listen) for r in relay.runtimes},
+                        "data_path": "splice" if relay.use_splice else "copy",
+                    }
+                },
+            )
+            if notifier.enabled:
+                nursery.start_soon(keep_service_manager_informed, relay, notifier)
+            if reloader.options.watch:
+                nursery.start_soon(reloader.watch)
+            stopping = False
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if not stopping:
+                        await reloader.reload("SIGHUP")
+                    continue
+                if worker is not None and signum == worker.cut_signal:
+                    log.info("told to close all connections now")
+                    relay.begin_shutdown()
+                    relay.stop_all_sessions()
+                    stopping = True
+                    continue
+                if not stopping:
+                    stopping = True
+                    log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                    notifier.stopping(f"draining {relay_status(relay)}")
+                    relay.begin_shutdown()
+                elif worker is None:
+                    log.info("second signal: closing all connections now")
+                    relay.stop_all_sessions()
+
+
+def run_relay(
+    options: RunOptions,
+    config: Config,
+    listeners: ListenerSet,
+    worker: AsWorker | None = None,
+    metrics_address: Address | None = None,
+) -> int:
+    """Serve `config` in this process until a stop signal; returns the exit code.
+
+    `metrics_address` overrides `options.metrics_address` (a worker serves its metrics on
+    a private unix socket for its supervisor).
+    """
+    stats = RelayStats()
+    try:
+        runtimes = prepare_routes(config, stats, listeners)
+    except StartupError as error:
+        log.error(str(error))
+        listeners.close_all(lambda sock: sock.close())
+        return 1
+    use_splice = os.environ.get(FORCE_COPY_ENV, "") not in ("1", "true", "yes")
+    relay = Relay(
+        config, runtimes, stats, listeners, use_splice=use_splice, access=write_access_log
+    )
+    address = metrics_address or options.metrics_address
+    metrics_server = None
+    if address is not None:
+        try:
+            metrics_server = MetricsServer(
+                address, make_registry(stats, __version__), is_ready=relay.is_ready
+            )
+        except OSError as error:
+            listeners.close_all(lambda sock: sock.close())
+            log.error(f"cannot serve metrics on {address}: {error.strerror or error}")
+            return 1
+        metrics_server.start()
+    notifier = Notifier()
+    reloader = Reloader(options, relay, notifier, worker)
+    try:
+        trio.run(serve_until_signalled, relay, notifier, reloader)
+    finally:
+        notifier.close()
+        if metrics_server is not None:
+            metrics_server.close()
+    log.info("stopped")
+    return 0
