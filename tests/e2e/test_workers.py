@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from splicerelay import __version__
 from splicerelay.config import parse_config, render_config
+from splicerelay.ops.service import status_line
 from splicerelay.workers.contract import InheritedSocket, WorkerSetup, decode, encode
 from splicerelay.workers.merged_metrics import (
     cumulative_part,
@@ -33,13 +34,12 @@ from splicerelay.workers.merged_metrics import (
     to_metrics,
     without,
 )
-from splicerelay.workers.supervisor import (
+from splicerelay.workers.worker_table import (
     WORKER_WATCHDOG_ENV,
     WORKER_WATCHDOG_SECONDS,
     connections_in_status,
     describe_exit,
     restart_delay,
-    status_line,
     worker_watchdog_seconds,
 )
 from tests.support.harness import (
