@@ -1,0 +1,178 @@
+"""The relay's schema: the top level, `metrics` and `log`, and the checks across the file.
+
+`defaults` and `routes` are read by schema_routes; this module puts the whole Config
+together and checks that no two things listen on the same address.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from splicerelay.config.addresses import Address, UnixAddress, parse_address
+from splicerelay.config.model import (
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_GLOBAL_CONNECTIONS_LIMIT,
+    MAX_WORKERS,
+    WORKERS_AUTO,
+    Config,
+    LogConfig,
+    MetricsConfig,
+    Tunables,
+    Workers,
+)
+from splicerelay.config.nodes import (
+    INT,
+    NULL,
+    STR,
+    boolean_value,
+    describe,
+    is_scalar,
+    line_of,
+    position,
+)
+from splicerelay.config.schema_routes import Listener, RouteReader
+
+TOP_KEYS = (
+    "workers",
+    "shutdown_timeout",
+    "max_connections",
+    "metrics",
+    "log",
+    "defaults",
+    "routes",
+)
+METRICS_KEYS = ("listen",)
+LOG_KEYS = ("level", "format", "access_log")
+
+
+class ConfigReader(RouteReader):
+    """Walks the composed YAML, building the config and collecting every problem.
+
+    One reader in layers, each a class of its own that shares the list of problems:
+    NodeReader (YAML), ValueReader (durations, sizes, addresses, networks), RouteReader
+    (`defaults` and `routes`), and this class (the top level, `metrics`, `log`, and the
+    checks across sections)."""
+
+    def config(self, root: yaml.Node) -> Config | None:
+        if not isinstance(root, yaml.MappingNode):
+            self.report(root, "", f"expected a mapping at the top level, got {describe(root)}")
+            return None
+        top = self.mapping(root, "", TOP_KEYS)
+        if top is None:
+            return None
+        fields = top.fields
+        workers = self.workers(fields["workers"]) if "workers" in fields else 1
+        shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
+        if "shutdown_timeout" in fields:
+            shutdown_timeout = self.duration(fields["shutdown_timeout"], "shutdown_timeout")
+        max_connections = None
+        if "max_connections" in fields:
+            max_connections = self.integer(
+                fields["max_connections"],
+                "max_connections",
+                1,
+                MAX_GLOBAL_CONNECTIONS_LIMIT,
+                or_null=True,
+            )
+        metrics = self.metrics(fields.get("metrics"))
+        log = self.log(fields["log"]) if "log" in fields else LogConfig()
+        defaults = Tunables()
+        if "defaults" in fields:
+            defaults = self.tunables(fields["defaults"], "defaults", Tunables())
+        routes = self.routes(top, defaults)
+        self.check_listeners()
+        if workers is None or shutdown_timeout is None or metrics is None or log is None:
+            return None
+        if self.problems:
+            return None
+        return Config(
+            workers,
+            shutdown_timeout,
+            metrics,
+            log,
+            tuple(routes),
+            self.filename,
+            max_connections=max_connections,
+        )
+
+    def workers(self, node: yaml.Node) -> Workers | None:
+        if is_scalar(node, INT):
+            count = self.integer(node, "workers", -(1 << 62), 1 << 62)
+            if count is not None and count < 1:
+                self.report(node, "workers", f"{count}: must be at least 1")
+                return None
+            if count is not None and count > MAX_WORKERS:
+                self.report(node, "workers", f"{count}: at most {MAX_WORKERS} processes")
+                return None
+            return count
+        if is_scalar(node, STR) and node.value == WORKERS_AUTO:
+            return WORKERS_AUTO
+        self.report(node, "workers", f"expected an integer or 'auto', got {describe(node)}")
+        return None
+
+    def metrics(self, node: yaml.Node | None) -> MetricsConfig | None:
+        if node is None:
+            default = parse_address(DEFAULT_METRICS_LISTEN)
+            self.listeners.append(Listener(default, "the metrics endpoint", "metrics", None))
+            return MetricsConfig(default)
+        if boolean_value(node) is False:
+            return MetricsConfig(None)
+        if not isinstance(node, yaml.MappingNode):
+            self.report(node, "metrics", f"expected a mapping or false, got {describe(node)}")
+            return None
+        section = self.mapping(node, "metrics", METRICS_KEYS)
+        if section is None:
+            return None
+        listen = section.fields.get("listen")
+        if listen is None:
+            return self.metrics(None)
+        if is_scalar(listen, NULL):
+            return MetricsConfig(None)
+        address = self.address(listen, "metrics.listen")
+        if isinstance(address, UnixAddress):
+            self.report(listen, "metrics.listen", "must be a TCP address (host:port)")
+            return None
+        if address is None:
+            return None
+        self.listeners.append(Listener(address, "the metrics endpoint", "metrics.listen", listen))
+        return MetricsConfig(address)
+
+    def log(self, node: yaml.Node) -> LogConfig | None:
+        section = self.mapping(node, "log", LOG_KEYS)
+        if section is None:
+            return None
+        fields = section.fields
+        changes: dict[str, Any] = {}
+        if "level" in fields:
+            changes["level"] = self.choice(fields["level"], "log.level", LOG_LEVELS)
+        if "format" in fields:
+            changes["format"] = self.choice(fields["format"], "log.format", LOG_FORMATS)
+        if "access_log" in fields:
+            changes["access_log"] = self.boolean(fields["access_log"], "log.access_log")
+        if None in changes.values():
+            return None
+        return LogConfig(**changes)
+
+    def check_listeners(self) -> None:
+        """Report each listen address already used by something earlier in the file."""
+
+        def where_written(listener: Listener) -> tuple[int, int]:
+            return (-1, -1) if listener.node is None else position(listener.node)
+
+        seen: dict[Address, Listener] = {}
+        for listener in sorted(self.listeners, key=where_written):
+            first = seen.setdefault(listener.address, listener)
+            if first is listener or listener.node is None:
+                continue
+            where = "" if first.node is None else f" (line {line_of(first.node)})"
+            default = " (the default metrics.listen)" if first.node is None else ""
+            self.report(
+                listener.node,
+                listener.path,
+                f"{listener.address} is already used by {first.owner}{where}{default}",
+            )

@@ -1,0 +1,294 @@
+"""The schema of `routes` and `defaults`: each route's keys, types and defaults, its
+upstreams and health check, and the tunables a route inherits from `defaults`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from splicerelay.config.addresses import Address, TcpAddress
+from splicerelay.config.model import (
+    BALANCE_STRATEGIES,
+    MAX_CONNECT_ATTEMPTS_LIMIT,
+    MAX_CONNECTIONS_LIMIT,
+    MAX_HEALTH_COUNT,
+    MAX_PIPE_SIZE,
+    MAX_WEIGHT,
+    MIN_PIPE_SIZE,
+    PROXY_PROTOCOL_VERSIONS,
+    HealthCheck,
+    Route,
+    Tunables,
+    Upstream,
+    route_with,
+)
+from splicerelay.config.nodes import (
+    CheckedMapping,
+    boolean_value,
+    child_path,
+    describe,
+    line_of,
+    quote,
+)
+from splicerelay.config.units import format_duration
+from splicerelay.config.values import ValueReader
+
+TUNABLE_KEYS = (
+    "connect_timeout",
+    "idle_timeout",
+    "max_duration",
+    "pipe_size",
+    "max_connections",
+    "max_connect_attempts",
+    "max_connections_per_source",
+    "proxy_protocol_timeout",
+    "resolve_interval",
+)
+HEALTH_CHECK_KEYS = ("interval", "timeout", "rise", "fall", "send", "expect")
+ROUTE_KEYS = (
+    "name",
+    "listen",
+    "upstreams",
+    "balance",
+    "proxy_protocol",
+    "accept_proxy_protocol",
+    "allow",
+    "deny",
+    "health_check",
+    *TUNABLE_KEYS,
+)
+UPSTREAM_KEYS = ("address", "weight")
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A configured listen address, to find two things listening on the same one."""
+
+    address: Address
+    owner: str
+    path: str
+    node: yaml.Node | None  # None for the default metrics address, written nowhere
+
+
+class RouteReader(ValueReader):
+    """Reads `defaults` and `routes`, and notes every listen address in `listeners`."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename)
+        self.listeners: list[Listener] = []
+
+    def tunables(self, node: yaml.Node, path: str, base: Tunables) -> Tunables:
+        misplaced = "can only be set in each route, not in defaults"
+        section = self.mapping(node, path, TUNABLE_KEYS, elsewhere=ROUTE_KEYS, misplaced=misplaced)
+        return base if section is None else self.overrides(section, base)
+
+    def overrides(self, section: CheckedMapping, base: Tunables) -> Tunables:
+        """`base` with the tunables `section` sets; a bad value is reported, and ignored.
+
+        The optional limits may be set to null, so that a route can lift a limit its
+        defaults set."""
+        readers: dict[str, Callable[[yaml.Node, str], float | int | None]] = {
+            "connect_timeout": self.duration,
+            "idle_timeout": self.duration,
+            "max_duration": lambda node, path: self.duration(node, path, or_null=True),
+            "pipe_size": lambda node, path: self.size(node, path, MIN_PIPE_SIZE, MAX_PIPE_SIZE),
+            "max_connections": lambda node, path: self.integer(
+                node, path, 1, MAX_CONNECTIONS_LIMIT
+            ),
+            "max_connect_attempts": lambda node, path: self.integer(
+                node, path, 1, MAX_CONNECT_ATTEMPTS_LIMIT, or_null=True
+            ),
+            "proxy_protocol_timeout": self.duration,
+            "resolve_interval": self.duration,
+            "max_connections_per_source": lambda node, path: self.integer(
+                node, path, 1, MAX_CONNECTIONS_LIMIT, or_null=True
+            ),
+        }
+        changes: dict[str, Any] = {}
+        for key, read in readers.items():
+            if key in section.fields:
+                # None is either an accepted null or a reported problem: tell them apart
+                # by whether a problem was reported.
+                problems = len(self.problems)
+                value = read(section.fields[key], child_path(section.path, key))
+                if len(self.problems) == problems:
+                    changes[key] = value
+        return dataclasses.replace(base, **changes)
+
+    def routes(self, top: CheckedMapping, defaults: Tunables) -> list[Route]:
+        node = self.required(top, "routes")
+        items = None if node is None else self.sequence(node, "routes")
+        if node is None or items is None:
+            return []
+        if not items:
+            self.report(node, "routes", "must list at least one route")
+        routes: list[Route] = []
+        names: dict[str, int] = {}
+        for index, item in enumerate(items):
+            route = self.route(item, f"routes[{index}]", defaults, names)
+            if route is not None:
+                routes.append(route)
+        return routes
+
+    def route(
+        self, node: yaml.Node, path: str, defaults: Tunables, names: dict[str, int]
+    ) -> Route | None:
+        section = self.mapping(node, path, ROUTE_KEYS)
+        if section is None:
+            return None
+        fields = section.fields
+        name = self.route_name(section, names)
+        listen = self.listen(section, name or path)
+        upstreams = self.upstreams(section)
+        balance: str | None = BALANCE_STRATEGIES[0]
+        if "balance" in fields:
+            balance = self.choice(fields["balance"], f"{path}.balance", BALANCE_STRATEGIES)
+        proxy_protocol: str | None = PROXY_PROTOCOL_VERSIONS[0]
+        if "proxy_protocol" in fields:
+            proxy_protocol = self.choice(
+                fields["proxy_protocol"], f"{path}.proxy_protocol", PROXY_PROTOCOL_VERSIONS
+            )
+        accept_proxy_protocol: bool | None = False
+        if "accept_proxy_protocol" in fields:
+            accept_proxy_protocol = self.boolean(
+                fields["accept_proxy_protocol"], f"{path}.accept_proxy_protocol"
+            )
+        health_check = None
+        problems = len(self.problems)
+        if "health_check" in fields:
+            health_check = self.health_check(fields["health_check"], f"{path}.health_check")
+        health_check_valid = len(self.problems) == problems
+        tunables = self.overrides(section, defaults)
+        allow = self.networks(fields["allow"], f"{path}.allow") if "allow" in fields else ()
+        deny = self.networks(fields["deny"], f"{path}.deny") if "deny" in fields else ()
+        if name is None or listen is None or upstreams is None or balance is None:
+            return None
+        if proxy_protocol is None or accept_proxy_protocol is None or not health_check_valid:
+            return None
+        return route_with(
+            tunables,
+            name=name,
+            listen=listen,
+            upstreams=upstreams,
+            balance=balance,
+            proxy_protocol=proxy_protocol,
+            accept_proxy_protocol=accept_proxy_protocol,
+            health_check=health_check,
+            allow=allow,
+            deny=deny,
+        )
+
+    def health_check(self, node: yaml.Node, path: str) -> HealthCheck | None:
+        """The active checks `node` asks for: true is all defaults, false none. None when
+        there are none, or when a problem was reported."""
+        enabled = boolean_value(node)
+        if enabled is not None:
+            return HealthCheck() if enabled else None
+        if not isinstance(node, yaml.MappingNode):
+            self.report(node, path, f"expected a mapping, true or false, got {describe(node)}")
+            return None
+        section = self.mapping(node, path, HEALTH_CHECK_KEYS)
+        if section is None:
+            return None
+        fields = section.fields
+        problems = len(self.problems)
+        changes: dict[str, Any] = {}
+        for key in ("interval", "timeout"):
+            if key in fields:
+                changes[key] = self.duration(fields[key], f"{path}.{key}")
+        for key in ("rise", "fall"):
+            if key in fields:
+                changes[key] = self.integer(fields[key], f"{path}.{key}", 1, MAX_HEALTH_COUNT)
+        if "send" in fields:
+            changes["send"] = self.payload(fields["send"], f"{path}.send", "to send nothing")
+        if "expect" in fields:
+            changes["expect"] = self.payload(fields["expect"], f"{path}.expect", "to need no reply")
+        if len(self.problems) > problems:
+            return None
+        check = HealthCheck(**changes)
+        if check.timeout <= check.interval:
+            return check
+        interval, timeout = format_duration(check.interval), format_duration(check.timeout)
+        if "timeout" in fields:
+            message = f"{timeout} is longer than the interval ({interval})"
+            self.report(fields["timeout"], f"{path}.timeout", message)
+        else:
+            message = (
+                f"{interval} is shorter than the default timeout ({timeout});"
+                f" set a timeout of at most {interval}"
+            )
+            self.report(fields["interval"], f"{path}.interval", message)
+        return None
+
+    def route_name(self, section: CheckedMapping, names: dict[str, int]) -> str | None:
+        node = self.required(section, "name")
+        if node is None:
+            return None
+        path = f"{section.path}.name"
+        name = self.string(node, path)
+        if name is None:
+            return None
+        if not _ROUTE_NAME.fullmatch(name):
+            self.report(
+                node, path, f"bad route name {quote(name)} (letters, digits, '_', '.' and '-')"
+            )
+            return None
+        line = line_of(node)
+        if name in names:
+            self.report(node, path, f"duplicate route name {name!r} (first on line {names[name]})")
+            return None
+        names[name] = line
+        return name
+
+    def listen(self, section: CheckedMapping, owner: str) -> Address | None:
+        node = self.required(section, "listen")
+        if node is None:
+            return None
+        path = f"{section.path}.listen"
+        address = self.address(node, path)
+        if isinstance(address, TcpAddress) and address.port == 0:
+            self.report(node, path, "port 0 is not allowed here (a listener needs a fixed port)")
+            return None
+        if address is not None:
+            self.listeners.append(Listener(address, f"route {owner!r}", path, node))
+        return address
+
+    def upstreams(self, section: CheckedMapping) -> tuple[Upstream, ...] | None:
+        node = self.required(section, "upstreams")
+        if node is None:
+            return None
+        path = f"{section.path}.upstreams"
+        items = self.sequence(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, "must list at least one upstream")
+            return None
+        upstreams = [self.upstream(item, f"{path}[{index}]") for index, item in enumerate(items)]
+        valid = [upstream for upstream in upstreams if upstream is not None]
+        return tuple(valid) if len(valid) == len(upstreams) else None
+
+    def upstream(self, node: yaml.Node, path: str) -> Upstream | None:
+        section = self.mapping(node, path, UPSTREAM_KEYS)
+        if section is None:
+            return None
+        weight: int | None = 1
+        if "weight" in section.fields:
+            weight = self.integer(section.fields["weight"], f"{path}.weight", 1, MAX_WEIGHT)
+        address_node = self.required(section, "address")
+        if address_node is None:
+            return None
+        address = self.address(address_node, f"{path}.address")
+        if isinstance(address, TcpAddress) and address.port == 0:
+            self.report(address_node, f"{path}.address", "port 0 is not allowed for an upstream")
+            return None
+        if address is None or weight is None:
+            return None
+        return Upstream(address, weight)
