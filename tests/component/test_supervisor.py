@@ -1,0 +1,399 @@
+"""The supervisor in-process, without worker processes: the worker table's decisions
+(restart backoff, the hung-worker watchdog, what a notify message means) and what the
+supervisor does with the workers' messages and deaths.
+
+Worker processes, the notify socket's messages, the service manager and signals to the
+workers are fakes; the config files, the snapshot and the listeners are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+
+from splicerelay.config import Config, read_config
+from splicerelay.ops.service import RunOptions
+from splicerelay.ops.systemd import NotifyMessage
+from splicerelay.relay.listeners import ListenerSet, Role
+from splicerelay.workers import supervisor as supervisor_module
+from splicerelay.workers.contract import RELOAD_RESULT_FIELD
+from splicerelay.workers.supervisor import Supervisor
+from splicerelay.workers.worker_table import (
+    RESTART_BACKOFF_FIRST,
+    RESTART_BACKOFF_MAX,
+    STABLE_AFTER,
+    Worker,
+    WorkerTable,
+)
+from tests.support.harness import free_port
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode or 0
+
+
+class FakeReceiver:
+    """Notify messages queued by the test, as the notify socket would return them."""
+
+    path = "/nonexistent/notify.sock"
+
+    def __init__(self) -> None:
+        self.messages: list[NotifyMessage] = []
+
+    def send(self, pid: int, **fields: str) -> None:
+        self.messages.append(NotifyMessage(pid, dict(fields)))
+
+    def receive(self) -> NotifyMessage | None:
+        return self.messages.pop(0) if self.messages else None
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+class FakeNotifier:
+    """The real service manager: records what it was told."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def ready(self, status: str, *extra: str) -> None:
+        self.sent.append("READY=1")
+
+    def reloading(self) -> None:
+        self.sent.append("RELOADING=1")
+
+    def stopping(self, status: str) -> None:
+        self.sent.append("STOPPING=1")
+
+    def status(self, status: str) -> None:
+        self.sent.append(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.sent.append("WATCHDOG=1")
+
+    def close(self) -> None:
+        pass
+
+
+def worker(pid: int, slot: int = 0, started: float = 0.0, ready: bool = False) -> Worker:
+    return Worker(pid, slot, FakeProcess(pid), f"/nonexistent/w{pid}.sock", started, ready=ready)
+
+
+# ----- the worker table -----------------------------------------------------------------
+
+
+def test_restart_backoff_doubles_while_a_slot_dies_young_and_is_capped() -> None:
+    table = WorkerTable(2, watchdog=0)
+    delays = [table.schedule_restart(worker(10 + n, slot=1, started=n), n + 1.0) for n in range(8)]
+    assert delays[:4] == [RESTART_BACKOFF_FIRST * 2**n for n in range(4)]
+    assert delays[-1] == RESTART_BACKOFF_MAX
+    # The other slot has its own count.
+    assert table.schedule_restart(worker(99, slot=0), 1.0) == RESTART_BACKOFF_FIRST
+
+
+def test_a_worker_that_lived_long_enough_resets_its_slots_backoff() -> None:
+    table = WorkerTable(1, watchdog=0)
+    for n in range(3):
+        table.schedule_restart(worker(n, started=0.0), 1.0)
+    assert table.schedule_restart(worker(9, started=100.0), 100.0 + STABLE_AFTER) == (
+        RESTART_BACKOFF_FIRST
+    )
+
+
+def test_restarts_come_due_in_time_and_count_once() -> None:
+    table = WorkerTable(2, watchdog=0)
+    delay = table.schedule_restart(worker(1, slot=0), 10.0)
+    table.schedule_restart(worker(2, slot=1, started=10.0), 10.0)
+    table.schedule_restart(worker(3, slot=1, started=10.0), 10.0)  # slot 1 again: longer
+    assert table.next_timeout(10.0, tick=0.5) == pytest.approx(delay)
+    assert table.due(10.0) == []
+    assert table.due(10.0 + delay) == [0]
+    assert table.due(10.0 + delay) == []
+    assert table.due(20.0) == [1]
+    assert table.restarts == 2
+    assert table.next_timeout(20.0, tick=0.5) == 0.5
+
+
+def test_stopping_cancels_the_restarts_waiting() -> None:
+    table = WorkerTable(1, watchdog=0)
+    table.schedule_restart(worker(1), 0.0)
+    table.cancel_restarts()
+    assert table.due(1000.0) == []
+    assert table.restarts == 0
+
+
+def test_the_watchdog_names_a_silent_ready_worker_once() -> None:
+    table = WorkerTable(3, watchdog=20.0)
+    silent = worker(1, ready=True)
+    starting = worker(2, ready=False)  # resolving names, maybe: not hung
+    talking = worker(3, ready=True)
+    for each in (silent, starting, talking):
+        table.add(each)
+    table.heard(3, {"WATCHDOG": "1"}, now=15.0)
+    assert table.hung(20.0) == []  # 20 s is not more than 20 s
+    assert table.hung(21.0) == [(silent, 21.0)]
+    assert silent.killed_as_hung
+    assert table.hung(60.0) == [(talking, 45.0)]  # the silent one is named once
+
+
+def test_the_watchdog_set_to_zero_is_off() -> None:
+    table = WorkerTable(1, watchdog=0)
+    table.add(worker(1, ready=True))
+    assert table.hung(1e9) == []
+
+
+def test_a_notify_message_updates_its_worker() -> None:
+    table = WorkerTable(2, watchdog=20.0)
+    one, two = worker(1), worker(2)
+    table.add(one)
+    table.add(two)
+    one.reload_pending = True
+    assert table.heard(3, {"READY": "1"}, now=1.0) is None  # not one of ours
+    heard = table.heard(1, {"READY": "1", "STATUS": "3 connections"}, now=5.0)
+    assert heard is not None
+    assert (heard.worker, heard.send_reload, heard.reload_ok) == (one, True, None)
+    assert one.ready and not one.reload_pending and one.last_heard == 5.0
+    assert not table.all_started_and_ready()
+    again = table.heard(1, {"READY": "1"}, now=6.0)
+    assert again is not None and not again.send_reload  # the held-back SIGHUP goes once
+    table.heard(2, {"READY": "1", "STATUS": "1 connection"}, now=7.0)
+    assert table.all_started_and_ready()
+    assert table.connections() == 4
+    table.heard(1, {"STATUS": "2 connections"}, now=7.5)
+    assert table.connections() == 3
+    refused = table.heard(2, {RELOAD_RESULT_FIELD: "failure"}, now=8.0)
+    taken = table.heard(1, {RELOAD_RESULT_FIELD: "success"}, now=8.0)
+    assert refused is not None and refused.reload_ok is False
+    assert taken is not None and taken.reload_ok is True
+
+
+# ----- the supervisor with fake workers -----------------------------------------------
+
+CONFIG = """\
+workers: 2
+log: {{level: info, format: json}}
+routes:
+  - name: kept
+    listen: 127.0.0.1:{kept}
+    upstreams: [{{address: 127.0.0.1:9}}]
+{more}"""
+DROPPED = """\
+  - name: dropped
+    listen: 127.0.0.1:{dropped}
+    upstreams: [{{address: 127.0.0.1:9}}]
+"""
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ports = {"kept": free_port(), "dropped": free_port()}
+        self.path = tmp_path / "relay.yaml"
+        self.old_text = CONFIG.format(more=DROPPED.format(**self.ports), **self.ports)
+        self.path.write_text(self.old_text)
+        config, text = read_config(str(self.path))
+        self.listeners = ListenerSet(role=Role.SUPERVISOR)
+        for route in config.routes:
+            self.listeners.take(route.name, route.listen)
+        self.logs_configured: list[Config] = []
+        monkeypatch.setattr(
+            supervisor_module,
+            "configure_logs",
+            lambda options, config: self.logs_configured.append(config),
+        )
+        directory = tmp_path / "run"
+        directory.mkdir()
+        self.supervisor = Supervisor(
+            RunOptions(config_path=str(self.path)), config, text, self.listeners, str(directory)
+        )
+        self.supervisor.receiver.close()
+        self.receiver = FakeReceiver()
+        self.supervisor.receiver = self.supervisor.pool.receiver = self.receiver  # type: ignore[assignment]
+        self.notifier = FakeNotifier()
+        self.supervisor.notifier = self.notifier  # type: ignore[assignment]
+        self.signals: list[tuple[int, int]] = []
+        self.supervisor.pool.kill = lambda w, signum: self.signals.append((w.pid, signum))  # type: ignore[method-assign]
+        self.workers = [worker(1001, slot=0), worker(1002, slot=1)]
+        for each in self.workers:
+            self.supervisor.table.add(each)
+
+    def snapshot(self) -> str:
+        return Path(self.supervisor.pool.snapshot).read_text()
+
+    def all_ready(self) -> None:
+        for each in self.workers:
+            self.receiver.send(each.pid, READY="1")
+        self.supervisor.read_notifications()
+
+    def reload_to_one_route(self) -> str:
+        new_text = CONFIG.format(more="", **self.ports)
+        self.path.write_text(new_text)
+        self.supervisor.reload("SIGHUP")
+        return new_text
+
+    def answer(self, pid: int, result: str) -> None:
+        self.receiver.send(pid, **{RELOAD_RESULT_FIELD: result})
+        self.supervisor.read_notifications()
+
+    def reloads(self) -> tuple[float, float]:
+        family = self.supervisor.own_families()["splicerelay_config_reloads"]
+        values = {dict(labels)["result"]: value for (_, labels), value in family.samples.items()}
+        return values["success"], values["failure"]
+
+    def listener_open(self, name: str) -> bool:
+        return any(address.port == self.ports[name] for address in self.listeners.addresses())  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]
+    # Whatever logging an earlier test set up, these read the supervisor's lines.
+    logger = logging.getLogger("splicerelay")
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "handlers", [])
+    caplog.set_level(logging.INFO, logger="splicerelay")
+    harness = Harness(tmp_path, monkeypatch)
+    yield harness
+    harness.supervisor.close()
+
+
+def test_ready_is_announced_once_every_worker_is_ready(harness: Harness) -> None:
+    harness.receiver.send(1001, READY="1")
+    harness.supervisor.read_notifications()
+    assert not harness.supervisor.announced and harness.notifier.sent == []
+    harness.all_ready()
+    assert harness.supervisor.announced
+    assert harness.notifier.sent == ["READY=1"]
+
+
+def test_a_reload_every_worker_refused_restores_the_snapshot_and_keeps_listeners(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    new_text = harness.reload_to_one_route()
+    assert harness.snapshot() == new_text
+    assert harness.signals == [(1001, signal.SIGHUP), (1002, signal.SIGHUP)]
+    harness.answer(1001, "failure")
+    harness.answer(1002, "failure")
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.snapshot() == harness.old_text
+    assert [len(c.routes) for c in harness.logs_configured] == [1, 2]  # new, then back
+    assert len(harness.supervisor.config.routes) == 2
+    assert harness.reloads() == (0, 1)
+    assert harness.listener_open("dropped")
+    assert "reload failed in every worker; the running config stays" in caplog.messages
+    assert harness.notifier.sent[-2:] == ["RELOADING=1", "READY=1"]
+
+
+def test_a_reload_some_workers_took_closes_the_dropped_listener(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    new_text = harness.reload_to_one_route()
+    harness.answer(1001, "success")
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.listener_open("dropped")  # one worker has not answered yet
+    harness.answer(1002, "failure")
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.snapshot() == new_text
+    assert harness.reloads() == (0, 1)
+    assert not harness.listener_open("dropped")
+    assert harness.listener_open("kept")
+    assert "reload failed in some workers; see their log lines" in caplog.messages
+
+
+def test_a_reload_is_held_back_until_the_worker_is_ready(harness: Harness) -> None:
+    harness.receiver.send(1001, READY="1")
+    harness.supervisor.read_notifications()
+    harness.reload_to_one_route()
+    assert harness.signals == [(1001, signal.SIGHUP)]
+    assert harness.workers[1].reload_pending
+    harness.receiver.send(1002, READY="1")
+    harness.receiver.send(1002, READY="1")
+    harness.supervisor.read_notifications()
+    assert harness.signals == [(1001, signal.SIGHUP), (1002, signal.SIGHUP)]
+    harness.answer(1001, "success")
+    harness.answer(1002, "success")
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.reloads() == (1, 0)
+
+
+def test_an_invalid_config_is_refused_before_any_worker_hears_of_it(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    harness.path.write_text("routes: [")
+    harness.supervisor.reload("SIGHUP")
+    assert harness.signals == []
+    assert harness.snapshot() == harness.old_text
+    assert harness.reloads() == (0, 1)
+    assert harness.supervisor.rounds.pending == 0
+    assert "reload failed: invalid config; the running config stays" in caplog.messages
+
+
+def test_a_worker_that_dies_during_a_round_is_not_waited_for(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    new_text = harness.reload_to_one_route()
+    harness.answer(1001, "success")
+    harness.workers[1].process.returncode = -9  # type: ignore[attr-defined]
+    harness.supervisor.reap()
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.reloads() == (1, 0)
+    assert harness.snapshot() == new_text
+    assert not harness.listener_open("dropped")
+    [record] = [r for r in caplog.records if r.message == "worker exited; restarting it"]
+    assert record.fields["status"] == "killed by SIGKILL"  # type: ignore[attr-defined]
+    assert harness.supervisor.table.next_timeout(0.0, tick=10.0) > 0  # slot 1 waits
+
+
+def test_a_round_times_out_as_a_failure_naming_the_silent(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    harness.reload_to_one_route()
+    harness.answer(1001, "success")
+    harness.supervisor.finish_reloads(1.0)
+    assert harness.reloads() == (0, 0)
+    harness.supervisor.finish_reloads(1e12)
+    assert harness.reloads() == (0, 1)
+    [record] = [r for r in caplog.records if "did not report" in r.message]
+    assert record.fields == {"workers": [1002]}  # type: ignore[attr-defined]
+
+
+def test_a_worker_failing_before_the_service_is_ready_stops_everything(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.workers[0].process.returncode = 1  # type: ignore[attr-defined]
+    harness.supervisor.reap()
+    assert harness.supervisor.stopping
+    assert harness.supervisor._exit_code == 1
+    assert harness.signals == [(1002, signal.SIGTERM)]
+    assert harness.notifier.sent == ["STOPPING=1"]
+    assert "worker failed to start; stopping" in caplog.messages
+
+
+def test_a_hung_worker_is_killed_once(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    harness.all_ready()
+    harness.supervisor.table.watchdog = 20.0
+    now = harness.workers[0].last_heard + 30.0
+    harness.workers[1].last_heard = now
+    harness.supervisor.pool.kill_hung(now)
+    harness.supervisor.pool.kill_hung(now + 1)
+    assert harness.signals == [(1001, signal.SIGKILL)]
+    assert caplog.messages.count("worker stopped answering; killing it") == 1
