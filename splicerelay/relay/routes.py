@@ -1,0 +1,129 @@
+"""Routes while they run: listener, upstreams, strategy and limits; client addresses.
+
+Everything that may block (name resolution, binding) happens in `prepare_routes`, before
+the first connection is accepted, so the event loop never calls getaddrinfo per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from splicerelay.config import Config, Route
+from splicerelay.datapath.stats import RelayStats, RouteStats
+from splicerelay.protocol.balancer import Strategy, make_strategy
+from splicerelay.relay.listeners import ListenError, ListenerSet
+from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, make_upstreams
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Endpoint = tuple[str, int]
+
+
+class StartupError(Exception):
+    """A route cannot start (name does not resolve, port in use, ...)."""
+
+
+def format_endpoint(endpoint: Endpoint | None) -> str:
+    if endpoint is None:
+        return "unix"
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def endpoint_of(family: int, address: object) -> Endpoint | None:
+    """(ip, port) of an inet socket address; None for unix sockets."""
+    if family == socket.AF_UNIX or not isinstance(address, tuple):
+        return None
+    return (str(address[0]), int(address[1]))
+
+
+def is_allowed(host: str, allow: Sequence[IPNetwork], deny: Sequence[IPNetwork]) -> bool:
+    """Deny wins over allow; an empty allow list allows everyone not denied."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in deny):
+        return False
+    return not allow or any(address in network for network in allow)
+
+
+@dataclass(eq=False)
+class RouteRuntime:
+    """A route while it runs: its listener, upstreams, strategy, limit and sessions."""
+
+    route: Route
+    listener: socket.socket
+    upstreams: list[UpstreamRuntime]
+    strategy: Strategy
+    stats: RouteStats
+    slots: trio.Semaphore
+    # Open connections per client address, for max_connections_per_source.
+    per_source: dict[str, int] = field(default_factory=dict)
+    # Cancels this runtime's accept loop and upstream tasks (on reload or shutdown);
+    # its sessions live on in the relay's session nursery.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def attempt_order(self, client_ip: str | None) -> list[int]:
+        upstreams = self.upstreams
+        order = self.strategy.attempt_order(
+            client_ip,
+            [upstream.health.up for upstream in upstreams],
+            [upstream.stats.active for upstream in upstreams],
+        )
+        limit = self.route.max_connect_attempts
+        return order[:limit] if limit else order
+
+
+def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) -> list[RouteRuntime]:
+    """Resolve every upstream and take every listener, or raise StartupError.
+
+    Blocking (getaddrinfo, bind): run it before serving or in a worker thread. On
+    failure, listeners that this call opened are closed again; kept ones stay.
+    """
+    runtimes: list[RouteRuntime] = []
+    before = listeners.addresses()
+    try:
+        for route in config.routes:
+            route_stats = stats.route(route.name)
+            try:
+                upstreams = make_upstreams(
+                    route.upstreams, route.health_check, route_stats.upstream
+                )
+                listener = listeners.take(route.name, route.listen)
+            except (ListenError, ResolveError) as error:
+                raise StartupError(f"route {route.name}: {error}") from None
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                # Why on the listener: Linux copies TCP_NODELAY to every socket accept()
+                # returns, which saves a setsockopt per connection (see prepare_accepted).
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            runtimes.append(
+                RouteRuntime(
+                    route=route,
+                    listener=listener,
+                    upstreams=upstreams,
+                    strategy=make_strategy(
+                        route.balance,
+                        [upstream.label for upstream in upstreams],
+                        [upstream.config.weight for upstream in upstreams],
+                    ),
+                    stats=route_stats,
+                    slots=trio.Semaphore(route.max_connections),
+                )
+            )
+    except BaseException:
+        listeners.close_except(before, lambda sock: sock.close())
+        raise
+    return runtimes
+
+
+def forget_removed_upstreams(runtimes: Sequence[RouteRuntime]) -> None:
+    """Drop the per-upstream series of upstreams no longer configured."""
+    for runtime in runtimes:
+        current = {upstream.label for upstream in runtime.upstreams}
+        for label in list(runtime.stats.upstreams):
+            if label not in current:
+                del runtime.stats.upstreams[label]

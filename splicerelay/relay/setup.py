@@ -1,0 +1,253 @@
+"""Connection setup: from an accepted client to a session the reactor relays.
+
+In order: read a PROXY header if the route expects one (the only step that takes a
+task), check the client against the route's allow/deny rules and per-source limit, pick
+the upstreams to try, connect through a `Connector` on the shared reactor, send a PROXY
+header upstream if asked, and hand both sockets to the session.
+
+A peer's doing ends a connection with the outcome that names it; an exception that
+escapes a step is the relay's own bug, logged with its traceback, and the relay carries
+on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import _socket
+import logging
+
+import trio
+
+from splicerelay.datapath.flow import PipePool
+from splicerelay.datapath.reactor import Reactor
+from splicerelay.datapath.session import Session, prepare_accepted
+from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.connector import Connector
+from splicerelay.relay.proxy_header import (
+    ProxyHeaderRejected,
+    build_proxy_header,
+    receive_proxy_header,
+)
+from splicerelay.relay.routes import (
+    Endpoint,
+    RouteRuntime,
+    endpoint_of,
+    format_endpoint,
+    is_allowed,
+)
+from splicerelay.relay.sessions import SessionTable
+from splicerelay.relay.upstreams import UpstreamRuntime
+
+log = logging.getLogger("splicerelay")
+
+
+class ConnectionSetup:
+    """Sets up each accepted connection, and registers it in `table` until it ends."""
+
+    def __init__(
+        self, table: SessionTable, reactor: Reactor, pool: PipePool, *, use_splice: bool
+    ) -> None:
+        self.table = table
+        self.reactor = reactor
+        self.pool = pool
+        self.use_splice = use_splice
+        # Where PROXY-header reads run; set by the relay while it serves.
+        self.nursery: trio.Nursery | None = None
+
+    def accepted(
+        self,
+        runtime: RouteRuntime,
+        client: _socket.socket,
+        peer: object,
+        family: int,
+        global_slot: trio.Semaphore | None,
+    ) -> None:
+        """A client was just accepted (holding a route slot, and `global_slot`)."""
+        # Registered now, not when its task first runs: a burst of accepts must see
+        # the sessions it has already taken (for the fd estimate and for drain).
+        session, endpoint = self.table.open(runtime, client, peer, family, global_slot)
+        self.start(runtime, session, endpoint)
+
+    def start(self, runtime: RouteRuntime, session: Session, endpoint: Endpoint | None) -> None:
+        """Set a new connection up; only reading a PROXY header takes a task."""
+        try:
+            prepare_accepted(session.client)
+        except OSError:
+            self.table.finish(session, Outcome.CLIENT_RESET)  # gone before we could look
+            return
+        if runtime.route.accept_proxy_protocol:
+            assert self.nursery is not None
+            session.tracked = True  # trio waits on the client socket for the header
+            session.cancel_scope = trio.CancelScope()
+            self.nursery.start_soon(self._read_proxy_header, runtime, session, endpoint)
+            return
+        self._set_up(runtime, session, endpoint, None)
+
+    async def _read_proxy_header(
+        self, runtime: RouteRuntime, session: Session, source: Endpoint | None
+    ) -> None:
+        route = runtime.route
+        outcome: Outcome | None = None
+        header = None
+        try:
+            assert session.cancel_scope is not None
+            with session.cancel_scope:
+                # Why a checkpoint first: a header already buffered is read without one,
+                # and a stop() that came before this task ran must still end it.
+                await trio.lowlevel.checkpoint()
+                header = await receive_proxy_header(session.client, route.proxy_protocol_timeout)
+            if header is None:
+                outcome = session.closing_outcome or Outcome.SHUTDOWN
+        except ProxyHeaderRejected as error:
+            log.info(
+                "bad PROXY header",
+                extra={
+                    "fields": {
+                        "route": route.name,
+                        "client": session.client_address,
+                        "error": str(error),
+                    }
+                },
+            )
+            outcome = Outcome.BAD_PROXY_HEADER
+        except Exception:
+            # A bug, not a peer's doing: log it loudly but keep serving everyone else.
+            log.exception("session failed unexpectedly")
+            outcome = Outcome.UPSTREAM_RESET
+        if outcome is not None or header is None:
+            self.table.finish(session, outcome or Outcome.SHUTDOWN)
+            return
+        session.cancel_scope = None
+        destination: Endpoint | None = None
+        if not header.local and header.source is not None:
+            # From here on, the client is the one the trusted proxy in front named.
+            source, destination = header.source, header.destination
+            session.client_address = format_endpoint(source)
+        self._set_up(runtime, session, source, destination)
+
+    def _set_up(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        source: Endpoint | None,
+        destination: Endpoint | None,
+    ) -> None:
+        """Check the client against the route's rules, then start connecting."""
+        try:
+            outcome = self._admit_and_connect(runtime, session, source, destination)
+        except Exception:
+            log.exception("session failed unexpectedly")
+            outcome = Outcome.UPSTREAM_RESET
+        if outcome is not None:
+            self.table.finish(session, outcome)
+
+    def _admit_and_connect(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        source: Endpoint | None,
+        destination: Endpoint | None,
+    ) -> Outcome | None:
+        """An outcome when the client is turned away; None once connecting has begun."""
+        route = runtime.route
+        if (
+            (route.allow or route.deny)
+            and source is not None
+            and not is_allowed(source[0], route.allow, route.deny)
+        ):
+            return Outcome.DENIED
+        limit = route.max_connections_per_source
+        if limit is not None and source is not None:
+            counts = runtime.per_source
+            held = counts.get(source[0], 0)
+            if held >= limit:
+                return Outcome.SOURCE_LIMIT
+            counts[source[0]] = held + 1
+            session.source_key = source[0]  # given back in SessionTable.finish
+        order = runtime.attempt_order(source[0] if source else None)
+        if not order:
+            return Outcome.NO_UPSTREAM
+        table = self.table
+
+        def connected(sock: _socket.socket | None, upstream: UpstreamRuntime | None) -> None:
+            table.connecting.discard(connector)
+            session.on_stop = None  # the closure below refers to the session: no cycle
+            if sock is None or upstream is None:
+                table.finish(session, Outcome.CONNECT_FAILED)
+                return
+            upstream.stats.active += 1
+            session.upstream_stats = upstream.stats
+            session.upstream_label = upstream.target.label
+            session.upstream = sock
+            try:
+                self._relay(runtime, session, sock, connector.interest, source, destination)
+            except Exception:
+                # A bug, not a peer's doing. The connector has already reported, so the
+                # reactor's own safety net cannot end this session: end it here.
+                log.exception("session failed unexpectedly")
+                self.reactor.discard((session.client.fileno(), sock.fileno()), session)
+                table.finish(session, Outcome.UPSTREAM_RESET)
+
+        connector = Connector(
+            runtime.upstreams,
+            order,
+            route.connect_timeout,
+            route.health_check is not None,
+            runtime.stats.connect_errors,
+            self.reactor,
+            route.name,
+            connected,
+        )
+
+        def stop(outcome: Outcome) -> None:
+            connector.abort()
+            table.connecting.discard(connector)
+            session.on_stop = None
+            table.finish(session, outcome)
+
+        session.on_stop = stop
+        table.connecting.add(connector)
+        connector.start(trio.current_time())
+        return None
+
+    def _relay(
+        self,
+        runtime: RouteRuntime,
+        session: Session,
+        upstream: _socket.socket,
+        upstream_interest: int,
+        source: Endpoint | None,
+        destination: Endpoint | None,
+    ) -> None:
+        """The upstream accepted: send a PROXY header if asked, then relay.
+
+        `upstream_interest`: what the connector left the upstream registered for.
+        """
+        route = runtime.route
+        if route.proxy_protocol != "none":
+            if destination is None:
+                # Asked only now: most routes never need the address clients reached.
+                destination = endpoint_of(session.client.family, session.client.getsockname())
+            header = build_proxy_header(route.proxy_protocol, source, destination)
+            try:
+                # Why one send is enough: the socket has just connected, so its send
+                # buffer (at least a few KiB) is empty, and a header is at most a few
+                # hundred bytes.
+                sent = upstream.send(header)
+            except OSError:
+                sent = -1
+            if sent != len(header):
+                # The upstream's doing (it reset or closed at once): a peer failure.
+                if upstream_interest:
+                    self.reactor.forget_fd(upstream.fileno())  # the connector's registration
+                self.table.finish(session, Outcome.UPSTREAM_RESET)
+                return
+        session.adopt(
+            upstream,
+            self.reactor,
+            self.pool,
+            route.pipe_size,
+            runtime.stats,
+            self.use_splice,
+            self.table.finish,
+            upstream_interest=upstream_interest,
+        )
