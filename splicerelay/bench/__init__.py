@@ -6,17 +6,19 @@ fresh load-generator server, rounds are interleaved (direct, relay, haproxy, dir
 so that drift hits every target alike, and the report gives medians over the rounds and
 each target's ratio to HAProxy, the splice baseline.
 
-Targets are described in bench_targets, workloads here:
+The options are defined in `options`, the targets in `targets`, the workloads here:
 
 - ``bulk``: iperf3, one stream; throughput, and the proxy's CPU seconds per GB moved;
 - ``bulk8``: the same with 8 parallel streams (iperf3 -P 8);
 - ``rr``: redis-benchmark GET with 50 keep-alive clients; requests/s, CPU us per request;
 - ``conn``: the same with a new connection per request (redis-benchmark -k 0);
-- ``latency``: p50 and p99 of a GET round trip, one request at a time (bench_load);
-- ``idle``: RSS, PSS and fds per idle relayed connection of each proxy (bench_idle).
+- ``latency``: p50 and p99 of a GET round trip, one request at a time (`load`);
+- ``idle``: RSS, PSS and fds per idle relayed connection of each proxy (`idle`).
 
 The proxy's CPU time is utime + stime (plus that of reaped children) of the proxy process
 and its descendants, read from /proc just before and just after each load-generator run.
+With --pin, every proxy runs on one core and everything else the bench runs on the others
+(`procs.Pinning`). What was measured with all this, change by change, is in `journal`.
 """
 
 from __future__ import annotations
@@ -51,12 +53,25 @@ from splicerelay.bench.load import (
     start_targets,
 )
 from splicerelay.bench.model import Measurement, Scenario, ScenarioResult
-from splicerelay.bench.procs import ProcessGroup, listening_ports
+from splicerelay.bench.options import (
+    WORKLOADS,
+    add_arguments,
+    resolve_defaults,
+    settings,
+)
+from splicerelay.bench.parse import BenchError
+from splicerelay.bench.procs import (
+    Pinning,
+    ProcessGroup,
+    listening_ports,
+    on_cpus,
+    plan_pinning,
+)
 from splicerelay.bench.progress import Progress, make_progress
 from splicerelay.bench.report import BenchReport, describe_sample, render_markdown, report_json
 from splicerelay.bench.targets import (
-    TARGETS,
     Endpoint,
+    StartOptions,
     Tools,
     find_tools,
     missing_reason,
@@ -64,12 +79,16 @@ from splicerelay.bench.targets import (
     tool_version,
 )
 
-__all__ = ["add_arguments", "listening_ports", "main", "resolve_defaults", "run"]
+__all__ = [
+    "WORKLOADS",
+    "add_arguments",
+    "listening_ports",
+    "main",
+    "resolve_defaults",
+    "run",
+    "settings",
+]
 
-WORKLOADS = ("bulk", "bulk8", "rr", "conn", "latency", "idle")
-# The name the rr and conn workloads had together before they were split.
-WORKLOAD_ALIASES = {"small": ("rr", "conn")}
-DIRECTIONS = ("forward", "reverse", "bidir")
 BULK_STREAMS = {"bulk": 1, "bulk8": 8}
 IPERF3_WORKLOADS = ("bulk", "bulk8")
 REDIS_WORKLOADS = ("rr", "conn", "latency")
@@ -82,168 +101,10 @@ WORKLOAD_PROGRAMS: dict[str, tuple[str, ...]] = {
     "idle": (),
 }
 
-# --quick: a smoke run that keeps the bench from rotting; numbers from it mean little.
-QUICK_TARGETS = ("direct", "relay")
-QUICK_WORKLOADS = ("bulk", "bulk8", "rr", "conn", "latency")
-# option -> (default, default with --quick)
-SIZES: dict[str, tuple[int, int]] = {
-    "rounds": (3, 1),
-    "duration": (4, 1),
-    "requests": (100_000, 2_000),
-    "new_connection_requests": (10_000, 500),
-    "latency_requests": (20_000, 500),
-    "idle_connections": (10_000, 100),
-    "clients": (50, 50),
-}
-
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_MISSING_TOOL = 2
 EXIT_INTERRUPTED = 130
-
-
-# --- options --------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def workload_name(text: str) -> str:
-    """argparse type: a workload, or the old name `small` (rr and conn)."""
-    if text in WORKLOADS or text in WORKLOAD_ALIASES:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"unknown workload {text!r} (choose from {', '.join(WORKLOADS)})"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `splicerelay bench`."""
-    parser.description = (
-        "Measure the relay, HAProxy (the splice baseline), socat, pproxy and a direct "
-        "connection side by side with real load generators, rounds interleaved, and report "
-        "medians and ratios to HAProxy."
-    )
-    parser.add_argument(
-        "--workload",
-        dest="workloads",
-        action="append",
-        type=workload_name,
-        metavar="NAME",
-        help=f"one of {', '.join(WORKLOADS)}; repeat for several (default: all)",
-    )
-    parser.add_argument(
-        "--case", dest="workloads", action="append", type=workload_name, help=argparse.SUPPRESS
-    )
-    parser.add_argument(
-        "--target",
-        dest="targets",
-        action="append",
-        choices=TARGETS,
-        metavar="NAME",
-        help=f"one of {', '.join(TARGETS)}; repeat for several (default: all)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: direct and relay only, all workloads but idle, tiny sizes, 1 round",
-    )
-    parser.add_argument(
-        "--direction",
-        dest="directions",
-        action="append",
-        choices=DIRECTIONS,
-        help="bulk and bulk8 direction: forward, reverse (-R) or bidir (--bidir); repeat "
-        "for several (default: forward)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=positive_int,
-        metavar="N",
-        help="interleaved rounds per target; the report gives medians (default: 3)",
-    )
-    parser.add_argument("--repeat", dest="rounds", type=positive_int, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--duration",
-        type=positive_int,
-        metavar="SECONDS",
-        help="bulk and bulk8: iperf3 -t (default: 4)",
-    )
-    parser.add_argument(
-        "--requests",
-        type=positive_int,
-        metavar="N",
-        help="rr: GETs over kept-alive connections (default: 100000)",
-    )
-    parser.add_argument(
-        "--new-connection-requests",
-        type=positive_int,
-        metavar="N",
-        help="conn: GETs with a new connection each (default: 10000)",
-    )
-    parser.add_argument(
-        "--latency-requests",
-        type=positive_int,
-        metavar="N",
-        help="latency: sequential GETs over one connection (default: 20000)",
-    )
-    parser.add_argument(
-        "--clients",
-        type=positive_int,
-        metavar="C",
-        help="rr and conn: redis-benchmark -c (default: 50)",
-    )
-    parser.add_argument(
-        "--idle-connections",
-        type=positive_int,
-        metavar="N",
-        help="idle: connections held open through each proxy (default: 10000; socat at most 1000)",
-    )
-    parser.add_argument("--markdown", metavar="FILE", help="also write the report here")
-    parser.add_argument("--json", metavar="FILE", help="also write raw samples and medians here")
-    parser.add_argument("--png", metavar="FILE", help="also draw a chart here (needs matplotlib)")
-
-
-def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill the options left out (smaller with --quick), in canonical order, no duplicates."""
-    quick = bool(getattr(args, "quick", False))
-    chosen = [
-        name
-        for workload in args.workloads or []
-        for name in WORKLOAD_ALIASES.get(workload, (workload,))
-    ]
-    args.workloads = ordered(chosen or (QUICK_WORKLOADS if quick else WORKLOADS), WORKLOADS)
-    args.targets = ordered(args.targets or (QUICK_TARGETS if quick else TARGETS), TARGETS)
-    args.directions = ordered(args.directions or ["forward"], DIRECTIONS)
-    for name, (normal, small) in SIZES.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, small if quick else normal)
-    for name in ("markdown", "json", "png"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
-
-
-def ordered(chosen: Iterable[str], canonical: Sequence[str]) -> list[str]:
-    wanted = set(chosen)
-    return [name for name in canonical if name in wanted]
-
-
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "quick": bool(getattr(args, "quick", False)),
-        "workloads": list(args.workloads),
-        "targets": list(args.targets),
-        "directions": list(args.directions),
-        **{name: getattr(args, name) for name in SIZES},
-    }
 
 
 # --- what runs ------------------------------------------------------------------------------
@@ -332,12 +193,15 @@ def run_group(
     workdir: Path,
     rounds: int,
     progress: Progress,
+    pinning: Pinning | None = None,
 ) -> list[ScenarioResult]:
     """Start a server and proxy per target, then measure `jobs` interleaved over them."""
     if not jobs:
         return []
+    options = StartOptions(cpus=pinning.proxies if pinning else None)
     with ProcessGroup(workdir) as group:
-        started = start_targets(group, label, targets, partial(server_command, server), tools)
+        server_for = partial(server_command, server)
+        started = start_targets(group, label, targets, server_for, tools, options)
         for target, reason in started.skipped.items():
             progress.skip(len(jobs) * rounds, f"{label}: {target} skipped: {reason}")
         results = measure_interleaved(jobs, started.endpoints, rounds, progress, describe_sample)
@@ -353,6 +217,22 @@ def run_workloads(
     workloads: Sequence[str],
     workdir: Path,
     progress: Progress,
+    pinning: Pinning | None = None,
+) -> list[ScenarioResult]:
+    """Every workload asked for, group by group; with `pinning`, the proxies on their core
+    and everything else (the bench itself included) on the others."""
+    with on_cpus(pinning.load if pinning else None):
+        return measure_workloads(args, targets, tools, workloads, workdir, progress, pinning)
+
+
+def measure_workloads(
+    args: argparse.Namespace,
+    targets: Sequence[str],
+    tools: Tools,
+    workloads: Sequence[str],
+    workdir: Path,
+    progress: Progress,
+    pinning: Pinning | None,
 ) -> list[ScenarioResult]:
     results: list[ScenarioResult] = []
     if any(workload in workloads for workload in IPERF3_WORKLOADS):
@@ -368,6 +248,7 @@ def run_workloads(
             workdir,
             args.rounds,
             progress,
+            pinning,
         )
     if any(workload in workloads for workload in REDIS_WORKLOADS):
         redis_server, redis_benchmark = tools["redis-server"], tools["redis-benchmark"]
@@ -382,6 +263,7 @@ def run_workloads(
             workdir,
             args.rounds,
             progress,
+            pinning,
         )
     if "idle" in workloads:
         results.append(
@@ -393,6 +275,7 @@ def run_workloads(
                 workdir,
                 progress,
                 describe_sample,
+                pinning.proxies if pinning else None,
             )
         )
     return results
@@ -446,6 +329,15 @@ def run(args: argparse.Namespace) -> int:
         for workload, reason in missing_workloads.items():
             print(f"splicerelay bench: {workload}: {reason}", file=sys.stderr)
         return EXIT_MISSING_TOOL
+    recorded = settings(args)
+    pinning = None
+    if args.pin:
+        try:
+            pinning = plan_pinning(os.sched_getaffinity(0))
+        except BenchError as error:
+            print(f"splicerelay bench: {error}", file=sys.stderr)
+            return EXIT_MISSING_TOOL
+        recorded["pin"] = {"proxies": sorted(pinning.proxies), "load": sorted(pinning.load)}
     missing_targets = skipped_targets(args.targets, tools)
     targets = [target for target in args.targets if target not in missing_targets]
     environment = describe_environment(tools, programs_in_use(workloads, targets))
@@ -459,14 +351,16 @@ def run(args: argparse.Namespace) -> int:
             interrupt_on_sigterm(),
             tempfile.TemporaryDirectory(prefix="splicerelay-bench-") as workdir,
         ):
-            results = run_workloads(args, targets, tools, workloads, Path(workdir), progress)
+            results = run_workloads(
+                args, targets, tools, workloads, Path(workdir), progress, pinning
+            )
     except KeyboardInterrupt:
         progress.close()
         print("splicerelay bench: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     progress.close()
     report = BenchReport(
-        results, list(args.targets), environment, settings(args), missing_targets, missing_workloads
+        results, list(args.targets), environment, recorded, missing_targets, missing_workloads
     )
     return finish(report, args)
 

@@ -232,8 +232,10 @@ def run_idle(
     workdir: Path,
     progress: Progress,
     describe: Callable[[Scenario, Sample], str],
+    proxy_cpus: frozenset[int] | None = None,
 ) -> ScenarioResult:
-    """The idle workload over every proxy target: a fresh echo server and proxy per round."""
+    """The idle workload over every proxy target: a fresh echo server and proxy per round
+    (the proxy on `proxy_cpus` with --pin)."""
     result = ScenarioResult(idle_scenario(requested))
     proxies = [target for target in targets if target != "direct"]
     with raised_nofile_limit() as limit:
@@ -252,7 +254,9 @@ def run_idle(
                         f"skipped ({result.skipped[target]})"
                     )
                     continue
-                sample = idle_sample(target, round_index, requested, tools, workdir, result)
+                sample = idle_sample(
+                    target, round_index, requested, tools, workdir, result, proxy_cpus
+                )
                 if sample is not None:
                     result.samples.append(sample)
                     message = describe(result.scenario, sample)
@@ -269,10 +273,11 @@ def idle_sample(
     tools: Tools,
     workdir: Path,
     result: ScenarioResult,
+    proxy_cpus: frozenset[int] | None = None,
 ) -> Sample | None:
     """One idle measurement of `target`; None (and a skip reason) if it did not start."""
     connections = connections_for(target, requested)
-    options = StartOptions(haproxy_maxconn=connections + HAPROXY_MAXCONN_MARGIN)
+    options = StartOptions(haproxy_maxconn=connections + HAPROXY_MAXCONN_MARGIN, cpus=proxy_cpus)
     label = f"idle{round_index + 1}"
     with ProcessGroup(workdir) as group:
         try:

@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,49 @@ def tree_usage(pid: int) -> TreeUsage:
     return TreeUsage(processes, rss, pss, fds)
 
 
+@dataclass(frozen=True)
+class Pinning:
+    """--pin: the core the proxies run on, and the cores of everything else the bench runs.
+
+    On a small machine the load generators and their servers compete with the proxy for
+    the same cores, and a proxy's CPU time per request then depends on who else ran on
+    its core. Pinned, each proxy has a core to itself, and proxies compare per core.
+    """
+
+    proxies: frozenset[int]
+    load: frozenset[int]
+
+
+def plan_pinning(available: Collection[int]) -> Pinning:
+    """The last usable core for the proxies, the others for the load; BenchError if < 2."""
+    cores = sorted(available)
+    if len(cores) < 2:
+        raise BenchError(
+            f"--pin needs at least 2 usable cores, and this process may use {len(cores)}"
+        )
+    return Pinning(frozenset(cores[-1:]), frozenset(cores[:-1]))
+
+
+@contextmanager
+def on_cpus(cpus: Collection[int] | None) -> Iterator[None]:
+    """Run the block on `cpus`, and so every process it starts (None: as it is).
+
+    Only the calling thread moves (Linux takes pid 0 as "this thread"), and a child
+    inherits the affinity of the thread that forked it, from its first instruction: a
+    relay with `workers: auto` counts its usable cores already pinned, and no process is
+    ever seen running elsewhere, as it would be if it were moved after it started.
+    """
+    if cpus is None:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
 def log_tail(path: Path, lines: int = 3) -> str:
     """The last lines a process wrote, for error messages."""
     try:
@@ -159,11 +203,17 @@ class ProcessGroup:
         self.stop_all()
 
     def start(
-        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cpus: Collection[int] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` with its output in a log file; return once it listens on `port`."""
+        """Start `argv` (on `cpus`, if given) with its output in a log file; return once it
+        listens on `port`."""
         log_path = self.workdir / f"{name}.log"
-        with log_path.open("ab") as log:
+        with log_path.open("ab") as log, on_cpus(cpus):
             try:
                 process = subprocess.Popen(
                     argv,

@@ -196,6 +196,12 @@ def render_markdown(report: BenchReport) -> str:
         "Proxy CPU is the proxy process tree's CPU time (from /proc) per wall second of the "
         "run; 100% is one core.",
     ]
+    pin = report.settings.get("pin")
+    if pin:
+        lines.append(
+            f"Pinned (--pin): every proxy on CPU {cpu_list(pin['proxies'])}; the load "
+            f"generators, their servers and the bench on CPU {cpu_list(pin['load'])}."
+        )
     versions = [version for version in environment.get("tools", {}).values() if version]
     if versions:
         lines.append("Peers: " + "; ".join(versions) + ".")
@@ -208,6 +214,10 @@ def render_markdown(report: BenchReport) -> str:
     for result in report.results:
         lines += render_scenario(result, report.targets)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    return ", ".join(str(cpu) for cpu in cpus)
 
 
 # --- JSON -----------------------------------------------------------------------------------

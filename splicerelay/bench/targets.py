@@ -224,6 +224,8 @@ class StartOptions:
 
     haproxy_maxconn: int = HAPROXY_MAXCONN
     extra_env: dict[str, str] = field(default_factory=dict)
+    # --pin: the cores the proxy runs on (None: wherever the scheduler puts it).
+    cpus: frozenset[int] | None = None
 
 
 def start_proxy(
@@ -238,26 +240,23 @@ def start_proxy(
     options = options or StartOptions()
     port = free_port()
     name = f"{label}-{target}"
+    env: dict[str, str] | None = None
     if target in RELAYS:
         config_path = group.workdir / f"{name}.yaml"
         config_path.write_text(relay_config(port, upstream_port, relay_workers(target)))
         env = relay_environment(force_copy=target == "relay-copy")
-        process = group.start(name, relay_command(config_path), port, env=env)
+        argv = relay_command(config_path)
     elif target == "haproxy":
         config_path = group.workdir / f"{name}.cfg"
         config_path.write_text(haproxy_config(port, upstream_port, options.haproxy_maxconn))
-        process = group.start(
-            name, [*require(tools, "haproxy"), "-db", "-f", str(config_path)], port
-        )
+        argv = [*require(tools, "haproxy"), "-db", "-f", str(config_path)]
     elif target == "socat":
-        process = group.start(
-            name, socat_command(require(tools, "socat"), port, upstream_port), port
-        )
+        argv = socat_command(require(tools, "socat"), port, upstream_port)
     elif target == "pproxy":
         argv = pproxy_command(require(tools, "pproxy"), port, upstream_port)
-        process = group.start(name, argv, port)
     else:
         raise BenchError(f"{target} is not a proxy")
+    process = group.start(name, argv, port, env=env, cpus=options.cpus)
     return Endpoint(target, port, process)
 
 
