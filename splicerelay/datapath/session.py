@@ -199,16 +199,21 @@ FinishCallback = Callable[["Session", Outcome], None]
 
 # Outcomes where the relay itself ends a connection that might still carry bytes.
 CUT_OUTCOMES = frozenset({Outcome.IDLE_TIMEOUT, Outcome.MAX_DURATION, Outcome.SHUTDOWN})
+# Outcomes after which a side gets a reset instead of a FIN: the other side failed, or
+# the relay itself did (internal_error), when bytes may have been lost and a FIN would
+# make the stream look complete.
+RESET_CLIENT = frozenset({Outcome.UPSTREAM_RESET, Outcome.INTERNAL_ERROR})
+RESET_UPSTREAM = frozenset({Outcome.CLIENT_RESET, Outcome.INTERNAL_ERROR})
 
 
 class Session:
     """A relayed connection: its sockets, its two flows, and how it is stopped.
 
-    A session lives in two phases. While it connects (and reads a PROXY header, and
-    sends one) it runs in a trio task that the server enters `cancel_scope` for, so
-    `stop()` ends it wherever it is. Once established it is `adopt`ed by the reactor
-    and has no task at all: readiness of its sockets calls `on_ready`, and when it ends
-    `on_finish` is called exactly once with the outcome.
+    A session lives in two phases. While it is set up it has no task of its own: the
+    relay's Connector connects it on the shared reactor (`on_stop` aborts that), and only
+    reading a PROXY header runs in a trio task (`cancel_scope`); `stop()` ends it wherever
+    it is. Once established it is `adopt`ed by the reactor: readiness of its sockets calls
+    `on_ready`, and when it ends `on_finish` is called exactly once with the outcome.
     """
 
     __slots__ = (
@@ -368,7 +373,7 @@ class Session:
         self._settle()
 
     def fail(self, error: BaseException) -> None:
-        self._end(Outcome.UPSTREAM_RESET)
+        self._end(Outcome.INTERNAL_ERROR)  # our bug (the reactor logged it), not a peer's
 
     def _step(self, flow: Flow, eager: bool = False, readable: bool = False) -> bool:
         """Advance one flow; False when that ended the session."""
@@ -437,13 +442,13 @@ class Session:
     def close(self, outcome: Outcome) -> None:
         """Close both sockets; after a failure, pass a reset on instead of a clean EOF."""
         upstream = self.upstream
-        if outcome is Outcome.UPSTREAM_RESET or self.cut_client:
+        if outcome in RESET_CLIENT or self.cut_client:
             abort_socket(self.client, self.tracked)
         else:
             close_socket(self.client, self.tracked)
         if upstream is not None:
             # Only the connector and the reactor have waited on it, never trio.
-            if outcome is Outcome.CLIENT_RESET or self.cut_upstream:
+            if outcome in RESET_UPSTREAM or self.cut_upstream:
                 abort_socket(upstream, tracked=False)
             else:
                 close_socket(upstream, tracked=False)

@@ -19,3 +19,7 @@ class Outcome(StrEnum):
     BAD_PROXY_HEADER = "bad_proxy_header"  # accept_proxy_protocol, and no valid header came
     MAX_DURATION = "max_duration"  # open for longer than max_duration
     SOURCE_LIMIT = "source_limit"  # the client address already holds its maximum
+    # The relay's own bug (an exception it did not expect while setting a connection up
+    # or relaying it), logged with its traceback; never a peer's doing. Both sides get a
+    # reset, since bytes may have been lost. Any count here is a bug worth reporting.
+    INTERNAL_ERROR = "internal_error"

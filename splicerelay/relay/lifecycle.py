@@ -1,7 +1,7 @@
 """The relay's lifecycle: serve the routes, reload them, drain and stop.
 
 `Relay` puts the parts together: admission (the accept loops and their limits, in
-admission.py), connection setup (setup.py) and the table of open connections
+admission.py), connection setup (connection_setup.py) and the table of open connections
 (sessions.py), the timers (timers.py) and the shared reactor that relays every
 established connection without a task of its own.
 """
@@ -19,6 +19,7 @@ from splicerelay.datapath.reactor import Reactor
 from splicerelay.datapath.stats import RelayStats
 from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.admission import Admission, count_open_fds
+from splicerelay.relay.connection_setup import ConnectionSetup
 from splicerelay.relay.listeners import ListenerSet
 from splicerelay.relay.routes import (
     RouteRuntime,
@@ -27,7 +28,6 @@ from splicerelay.relay.routes import (
     prepare_routes,
 )
 from splicerelay.relay.sessions import AccessLogger, SessionTable
-from splicerelay.relay.setup import ConnectionSetup
 from splicerelay.relay.timers import expire_connects, sweep_idle
 from splicerelay.relay.upstreams import refresh_addresses, run_health_checks
 
@@ -69,7 +69,7 @@ class Relay:
         self.admission = Admission(
             stats,
             self.pool,
-            self.table,
+            self.table.sessions,
             self.setup.accepted,
             config.max_connections,
             fd_limit=fd_limit,

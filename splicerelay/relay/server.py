@@ -3,7 +3,7 @@
 - lifecycle.py: `Relay` (serve, reload, drain and stop)
 - routes.py: `RouteRuntime`, `prepare_routes`, `StartupError`, `is_allowed`, endpoints
 - admission.py: the accept loops, their limits, fd headroom and accept() back-off
-- setup.py: from an accepted client to a relayed session (PROXY header, rules, connect)
+- connection_setup.py: from an accepted client to a relayed session (PROXY header, rules, connect)
 - sessions.py: the table of open connections, their accounting, `session_record`
 - timers.py: connect timeouts, idle timeouts and max duration
 """

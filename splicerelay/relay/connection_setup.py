@@ -6,8 +6,8 @@ the upstreams to try, connect through a `Connector` on the shared reactor, send 
 header upstream if asked, and hand both sockets to the session.
 
 A peer's doing ends a connection with the outcome that names it; an exception that
-escapes a step is the relay's own bug, logged with its traceback, and the relay carries
-on serving everyone else.
+escapes a step is the relay's own bug, logged with its traceback and counted as
+`internal_error`, and the relay carries on serving everyone else.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class ConnectionSetup:
         except Exception:
             # A bug, not a peer's doing: log it loudly but keep serving everyone else.
             log.exception("session failed unexpectedly")
-            outcome = Outcome.UPSTREAM_RESET
+            outcome = Outcome.INTERNAL_ERROR
         if outcome is not None or header is None:
             self.table.finish(session, outcome or Outcome.SHUTDOWN)
             return
@@ -136,7 +136,7 @@ class ConnectionSetup:
             outcome = self._admit_and_connect(runtime, session, source, destination)
         except Exception:
             log.exception("session failed unexpectedly")
-            outcome = Outcome.UPSTREAM_RESET
+            outcome = Outcome.INTERNAL_ERROR
         if outcome is not None:
             self.table.finish(session, outcome)
 
@@ -185,7 +185,7 @@ class ConnectionSetup:
                 # reactor's own safety net cannot end this session: end it here.
                 log.exception("session failed unexpectedly")
                 self.reactor.discard((session.client.fileno(), sock.fileno()), session)
-                table.finish(session, Outcome.UPSTREAM_RESET)
+                table.finish(session, Outcome.INTERNAL_ERROR)
 
         connector = Connector(
             runtime.upstreams,
