@@ -148,27 +148,18 @@ class Admission:
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 await self._acquire_timed(slots, runtime.stats, is_global=False)
+            failure: OSError | None = None
             try:
                 if self.fds_in_use() + FD_RESERVE > self.fd_limit:
                     await self._wait_for_fd_headroom()
                 if self.global_slots is None:
                     # The common case, without a coroutine per accept: try, and wait
                     # for the listener only when its queue is empty.
+                    global_slot = None
                     try:
                         client, peer = accept()
-                    except BlockingIOError:
-                        slots.release()
-                        await listener.wait_readable()
-                        continue
-                    except OSError as error:
-                        slots.release()
-                        await self._accept_failed(error, runtime)
-                        await listener.wait_readable()
-                        continue
-                    global_slot = None
-                    if self._resource_warning_logged:
-                        self._resource_warning_logged = False
-                        log.info("accept resumed")
+                    except OSError as error:  # BlockingIOError too: nobody waiting
+                        failure = error
                 else:
                     client, peer, global_slot = await self._accept_with_global_slot(
                         runtime, listener
@@ -176,6 +167,15 @@ class Admission:
             except BaseException:
                 slots.release()
                 raise
+            if failure is not None:
+                slots.release()  # no client taken: give its slot back
+                if not isinstance(failure, BlockingIOError):
+                    await self._accept_failed(failure, runtime)
+                await listener.wait_readable()
+                continue
+            if self._resource_warning_logged:
+                self._resource_warning_logged = False
+                log.info("accept resumed")
             self.accepted(runtime, client, peer, family, global_slot)
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
