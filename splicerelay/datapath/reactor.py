@@ -1,8 +1,10 @@
-"""One epoll for every established connection, so that a connection costs no task.
+"""One epoll for every connection, so that a connection costs no task.
 
-Connecting, reading a PROXY header and the like run in trio tasks. Once a connection is
-established it is handed here: its two sockets join a single epoll set that one trio
-task waits on, and readiness is dispatched straight to the connection's `on_ready`.
+Reading a PROXY header runs in a trio task; everything after it does not. Connecting to
+an upstream runs here too: the connector registers its attempt's socket for writability
+and is called back like any connection. Once connected, a connection's two sockets sit in
+the single epoll set that one trio task waits on, and readiness is dispatched straight to
+the connection's `on_ready`.
 An idle connection then costs its sockets and a few small objects, not two coroutine
 stacks and their cancel scopes; that is how HAProxy and Go's net poller keep idle
 connections cheap, and it is what lets ten thousand of them fit in a few tens of MiB.
