@@ -172,7 +172,8 @@ class ConnectionSetup:
             table.connecting.discard(connector)
             session.on_stop = None  # the closure below refers to the session: no cycle
             if sock is None or upstream is None:
-                table.finish(session, Outcome.CONNECT_FAILED)
+                failed = Outcome.INTERNAL_ERROR if connector.broke else Outcome.CONNECT_FAILED
+                table.finish(session, failed)
                 return
             upstream.stats.active += 1
             session.upstream_stats = upstream.stats

@@ -53,6 +53,7 @@ class Connector:
         "_reactor",
         "_timeout",
         "_upstreams",
+        "broke",
         "current",
         "deadline",
         "interest",
@@ -87,6 +88,8 @@ class Connector:
         self.interest = 0
         self.started = 0.0
         self.deadline = 0.0
+        # A bug of ours ended the attempts (see fail), not the upstreams' refusals.
+        self.broke = False
 
     def start(self, now: float) -> None:
         """Begin with the strategy's first choice (`now` on trio's clock)."""
@@ -192,6 +195,9 @@ class Connector:
         """Connectors never wait for a resource; nothing to retry."""
 
     def fail(self, error: BaseException) -> None:
+        """The reactor's safety net: a handler above raised, which is our bug (the
+        reactor has logged its traceback). Give up, and say it was not the upstreams."""
+        self.broke = True
         self._drop_attempt()
         self._position = len(self._order)
         self._finish(None, None)

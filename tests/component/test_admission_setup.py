@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from splicerelay.datapath import reactor as reactor_module
 from splicerelay.datapath.session import Session
 from splicerelay.relay import connection_setup
 from tests.support.fakes import (
@@ -29,6 +30,7 @@ from tests.support.fakes import (
     route_stats,
     serving,
 )
+from tests.support.peers import blackholed_listener, close_blackhole
 
 
 class InjectedBug(Exception):
@@ -199,3 +201,36 @@ async def test_an_upstream_that_will_not_take_the_proxy_header_stays_upstream_re
     assert finished.outcome == "upstream_reset"
     assert route_stats(relay).outcomes == {"upstream_reset": 1}
     assert not [record for record in caplog.records if record.exc_info is not None]
+
+
+async def test_a_bug_while_connecting_is_an_internal_error_not_a_connect_failure(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+):
+    """The reactor's safety net ends a connector whose callback raised (a bug of ours):
+    the connection is not the upstreams' refusal, and no upstream is blamed for it."""
+    listener, fillers = blackholed_listener()  # the attempt stays in the reactor
+    try:
+        port = listener.getsockname()[1]
+        relay, outcomes = build_relay(route_config(one_route(port, "    connect_timeout: 60s\n")))
+        async with serving(relay):
+            before = open_fds()
+            client = await open_client(port_of(relay))
+            while not relay.table.connecting:
+                await trio.sleep(0.001)
+            [connector] = relay.table.connecting
+            try:  # what the reactor does when a handler's on_ready raises
+                raise_injected()
+            except InjectedBug as bug:
+                reactor_module._fail(connector, bug)
+            [finished] = await outcomes.wait_for(1)
+            await client.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert open_fds() == before
+    finally:
+        close_blackhole(listener, fillers)
+    assert finished.outcome == "internal_error"
+    stats = route_stats(relay)
+    assert stats.outcomes == {"internal_error": 1}
+    assert sum(stats.connect_errors.values()) == 0
+    assert len(tracebacks(caplog, "connection failed unexpectedly")) == 1
