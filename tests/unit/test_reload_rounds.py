@@ -98,7 +98,18 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._waiting())
     @rule(data=st.data(), ok=st.booleans())
     def answer(self, data: st.DataObject, ok: bool) -> None:
-        pid = data.draw(st.sampled_from(self._waiting()))
+        self._answer(data.draw(st.sampled_from(self._waiting())), ok)
+
+    @precondition(lambda self: self._waiting())
+    @rule(data=st.data())
+    def answer_all(self, data: st.DataObject) -> None:
+        """Every worker some round waits for answers, in one batch of messages read
+        between two looks at the rounds. (Without this rule, a reload some workers took
+        followed by one they all refused is too rare for the search to reach.)"""
+        for pid in self._waiting():
+            self._answer(pid, data.draw(st.booleans(), label=f"ok {pid}"))
+
+    def _answer(self, pid: int, ok: bool) -> None:
         self.rounds.answered(pid, ok)
         for round_ in self.model_rounds:
             if pid in round_.waiting:
@@ -162,8 +173,14 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
             assert outcome.timed_out == tuple(sorted(expected.waiting))
             last = index == len(outcomes) - 1
             assert outcome.announce_ready == (last and not self.model_rounds)
+            # The snapshot goes back only after a round every worker refused, and only
+            # when no round started from it is still pending.
+            assert (outcome.restore is not None) == (refused_by_all and outcome.announce_ready)
+            # The dropped listeners close after the latest round, unless all refused it.
+            assert outcome.close_dropped_listeners == (
+                outcome.announce_ready and not refused_by_all
+            )
             if outcome.restore is not None:
-                assert refused_by_all and outcome.announce_ready
                 assert self.rounds.current == outcome.restore
                 # The known gap (see the class): workers started during the round.
                 self.excused |= {
@@ -172,10 +189,7 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
                     if self.runs.get(pid) != outcome.restore
                 }
             if outcome.close_dropped_listeners:
-                # Listeners are closed down to a config that stays current, and that
-                # not every worker refused.
-                assert outcome.announce_ready and not outcome.refused_by_all
-                assert outcome.restore is None
+                # Listeners are closed down to the config that stays current.
                 assert self.rounds.current == outcome.snapshot
             if result == "failure" and not refused_by_all:
                 # A reload some took and some refused or missed: the service runs mixed.
@@ -209,8 +223,11 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         assert self.rounds.waiting() <= set(self.runs)
 
 
+# Why 1000 examples (about 20 s): with 300, a fresh run (no example database) found a
+# dropped "the following round inherits what to go back to" in 8 runs of 10, and an
+# inheritance after a round only some workers refused in 3 of 10; with 1000, in 10 and 8.
 ReloadRoundsMachine.TestCase.settings = settings(
-    max_examples=300,
+    max_examples=1000,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -345,6 +362,20 @@ def test_a_reload_every_worker_refused_is_not_what_a_restarted_worker_loads(
             "third",
             [None, None],
             id="refused-by-all-then-taken-by-one",
+        ),
+        pytest.param(
+            [
+                ("reload", "second", {1, 2}),
+                ("ok", 1),
+                ("reload", "third", {1, 2}),
+                ("refuse", 1),
+                ("refuse", 2),
+            ],
+            "second",
+            [None, "second"],
+            # Worker 1 took "second" before "third" came; only a round every worker
+            # refused passes on what to go back to, so "third" goes back to "second".
+            id="taken-by-one-then-refused-by-all",
         ),
     ],
 )
