@@ -28,11 +28,12 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from splicerelay import __version__
 from splicerelay.config import Config, ConfigError, read_config, worker_count
-from splicerelay.config.addresses import UnixAddress
+from splicerelay.config.addresses import Address, UnixAddress
 from splicerelay.ops.metrics import MetricsServer
 from splicerelay.ops.service import (
     STATUS_INTERVAL,
@@ -73,6 +74,21 @@ class Snapshot:
 
     config: Config
     text: str
+
+
+def new_unix_listener(config: Config, addresses: Collection[Address]) -> str | None:
+    """Why a reload to `config` cannot happen with workers, or None.
+
+    Why: a TCP listener that a reload adds is bound by every worker with SO_REUSEPORT,
+    but a unix socket path can be bound only once, so workers cannot share a new one.
+    """
+    for route in config.routes:
+        if isinstance(route.listen, UnixAddress) and route.listen not in addresses:
+            return (
+                f"route {route.name}: a new unix socket listener"
+                f" ({route.listen}) needs a restart when workers > 1"
+            )
+    return None
 
 
 class Supervisor:
@@ -175,18 +191,9 @@ class Supervisor:
         except ConfigError as error:
             self._refuse(reason, error)
             return
-        new_unix = [
-            route
-            for route in config.routes
-            if isinstance(route.listen, UnixAddress)
-            and route.listen not in self.listeners.addresses()
-        ]
-        if new_unix:
-            self._refuse(
-                reason,
-                f"route {new_unix[0].name}: a new unix socket listener"
-                f" ({new_unix[0].listen}) needs a restart when workers > 1",
-            )
+        refusal = new_unix_listener(config, self.listeners.addresses())
+        if refusal is not None:
+            self._refuse(reason, refusal)
             return
         warn_restart_only_changes(self.config, config, ("metrics", "workers"))
         self.pool.write_snapshot(text)

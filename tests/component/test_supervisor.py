@@ -397,3 +397,26 @@ def test_a_hung_worker_is_killed_once(harness: Harness, caplog: pytest.LogCaptur
     harness.supervisor.pool.kill_hung(now + 1)
     assert harness.signals == [(1001, signal.SIGKILL)]
     assert caplog.messages.count("worker stopped answering; killing it") == 1
+
+
+def test_a_reload_that_adds_a_unix_listener_is_refused(
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.all_ready()
+    unix_route = (
+        f"  - name: local\n    listen: unix:{tmp_path / 'local.sock'}\n"
+        "    upstreams: [{address: 127.0.0.1:9}]\n"
+    )
+    harness.path.write_text(harness.old_text + unix_route)
+    harness.supervisor.reload("SIGHUP")
+    assert harness.signals == []
+    assert harness.snapshot() == harness.old_text
+    assert harness.reloads() == (0, 1)
+    assert harness.supervisor.rounds.pending == 0
+    [record] = [r for r in caplog.records if r.message == "reload failed; the running config stays"]
+    assert record.fields == {  # type: ignore[attr-defined]
+        "reason": "SIGHUP",
+        "error": f"route local: a new unix socket listener (unix:{tmp_path / 'local.sock'})"
+        " needs a restart when workers > 1",
+    }
+    assert harness.notifier.sent[-2:] == ["RELOADING=1", "READY=1"]
