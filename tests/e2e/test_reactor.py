@@ -461,8 +461,11 @@ async def early_request_and_fin(relay_factory: RelayFactory, hole_port: int) -> 
         replies: dict[int, tuple[bytes, float]] = {}
 
         async def client(index: int, port: int) -> None:
-            stream = await connect(port)
+            # Why the clock starts before connecting: the check below is a lower bound,
+            # so the start must come before the relay's connect timer can start. Taken
+            # after connect() returns, a busy test process could take it late.
             started = time.monotonic()
+            stream = await connect(port)
             # The whole request and the FIN straight after connecting, before the relay
             # can have an upstream for them.
             await stream.send_all(request_for(index))
