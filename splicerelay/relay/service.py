@@ -34,14 +34,10 @@ from splicerelay.ops.service import (
 )
 from splicerelay.ops.systemd import Notifier, watchdog_interval
 from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.lifecycle import Relay
 from splicerelay.relay.listeners import ListenerSet
-from splicerelay.relay.server import (
-    Relay,
-    RouteRuntime,
-    StartupError,
-    prepare_routes,
-    session_record,
-)
+from splicerelay.relay.routes import RouteRuntime, StartupError, prepare_routes
+from splicerelay.relay.sessions import session_record
 
 log = logging.getLogger("splicerelay")
 access_log = logging.getLogger("splicerelay.access")

@@ -19,7 +19,7 @@ from splicerelay.datapath.stats import RelayStats
 from splicerelay.ops.service import RunOptions
 from splicerelay.ops.systemd import Notifier
 from splicerelay.relay import service
-from splicerelay.relay.server import StartupError
+from splicerelay.relay.routes import StartupError
 from splicerelay.relay.service import AsWorker, Reloader, serve_until_signalled
 
 CONFIG = """\

@@ -300,7 +300,7 @@ async def test_refused_pipe_resize_is_survived_and_counted(relay_factory):
 def test_allow_and_deny_lists(client: str, allow: list[str], deny: list[str], allowed: bool):
     import ipaddress
 
-    from splicerelay.relay.server import is_allowed
+    from splicerelay.relay.routes import is_allowed
 
     assert (
         is_allowed(

@@ -107,11 +107,11 @@ def test_imports_run_one_way():
 @pytest.mark.parametrize(
     ("module", "statement", "expected"),
     [
-        ("datapath/flow.py", "from splicerelay.relay import server", "datapath imports"),
+        ("datapath/flow.py", "from splicerelay.relay import lifecycle", "datapath imports"),
         ("protocol/balancer.py", "import yaml", "protocol imports yaml"),
         ("config/addresses.py", "from splicerelay.protocol import outcome", "config imports"),
-        ("relay/server.py", "from ..workers import supervisor", "relay imports"),
-        ("ops/metrics.py", "    from splicerelay.relay.server import Relay", "ops imports"),
+        ("relay/lifecycle.py", "from ..workers import supervisor", "relay imports"),
+        ("ops/metrics.py", "    from splicerelay.relay.lifecycle import Relay", "ops imports"),
         ("bench/load.py", "from splicerelay.config import load_config", "bench imports"),
         ("datapath/session.py", "import prometheus_client", "datapath imports"),
     ],
