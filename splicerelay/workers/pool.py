@@ -22,7 +22,7 @@ from splicerelay.relay.listeners import ListenerSet
 from splicerelay.workers.contract import InheritedSocket, WorkerSetup
 from splicerelay.workers.launch import start_worker, worker_command, worker_environment
 from splicerelay.workers.scrape import WorkerView
-from splicerelay.workers.worker_table import Worker, WorkerTable
+from splicerelay.workers.worker_table import Heard, Worker, WorkerTable
 
 log = logging.getLogger("splicerelay")
 
@@ -96,10 +96,14 @@ class WorkerPool:
                 exited.append((worker, returncode))
         return exited
 
-    def restart_due(self, now: float) -> None:
+    def restart_due(self, now: float) -> list[Worker]:
+        """Start the workers whose restart is due; returns them."""
+        started = []
         for slot in self.table.due(now):
             worker = self.spawn(slot)
             log.info("worker restarted", extra={"fields": {"slot": slot, "pid": worker.pid}})
+            started.append(worker)
+        return started
 
     def kill_hung(self, now: float) -> None:
         """SIGKILL each ready worker that has not been heard from within the watchdog
@@ -135,9 +139,9 @@ class WorkerPool:
                 # handling, and SIGHUP's default action would kill it.
                 worker.reload_pending = True
 
-    def read_notifications(self) -> list[tuple[int, bool]]:
+    def read_notifications(self) -> list[Heard]:
         """Take in the workers' sd_notify messages (ready, connections, a held-back
-        reload); returns the reload results they reported, as (pid, succeeded)."""
+        reload); returns what each message from a live worker changed."""
         results = []
         while (message := self.receiver.receive()) is not None:
             heard = self.table.heard(message.pid, message.fields, time.monotonic())
@@ -145,8 +149,7 @@ class WorkerPool:
                 continue
             if heard.send_reload:
                 self.kill(heard.worker, signal.SIGHUP)
-            if heard.reload_ok is not None:
-                results.append((heard.worker.pid, heard.reload_ok))
+            results.append(heard)
         return results
 
     def kill_all_and_wait(self) -> None:

@@ -12,7 +12,10 @@ follow what the workers really run:
 - when such a round is followed by another that started from it, the following round
   inherits what to go back to (the config from before the refused one);
 - the supervisor's copies of listeners the new config dropped are closed once the latest
-  round ended, unless every worker refused it (the old routes still need them).
+  round ended, unless every worker refused it (the old routes still need them);
+- a worker started while a round is pending loads that round's snapshot, so the round
+  waits for it too, and its coming up is its answer: otherwise a round every *other*
+  worker refused would put the snapshot back while this one runs the refused config.
 
 No I/O, no clock, no logging here: the supervisor passes the time in, does the I/O that
 each `RoundOutcome` asks for, and logs it. Snapshots are opaque to this module.
@@ -68,6 +71,7 @@ class ReloadRounds(Generic[S]):
         self.timeout = timeout
         self._rounds: list[_Round[S]] = []
         self._numbers = 0
+        self._starting: dict[int, _Round[S]] = {}  # pid -> the round whose snapshot it loads
 
     @property
     def current(self) -> S:
@@ -102,8 +106,24 @@ class ReloadRounds(Generic[S]):
                 round_.waiting.discard(pid)
                 (round_.succeeded if ok else round_.failed).append(pid)
 
+    def worker_started(self, pid: int) -> None:
+        """A worker was just started: it loads the current snapshot, which is the latest
+        round's while one is pending; that round waits for it to come up."""
+        if self._rounds:
+            latest = self._rounds[-1]
+            latest.waiting.add(pid)
+            self._starting[pid] = latest
+
+    def worker_ready(self, pid: int) -> None:
+        """A worker started during a round came up: it took that round's snapshot."""
+        round_ = self._starting.pop(pid, None)
+        if round_ is not None and pid in round_.waiting:
+            round_.waiting.discard(pid)
+            round_.succeeded.append(pid)
+
     def worker_gone(self, pid: int) -> None:
         """A worker died: no round waits for it any more."""
+        self._starting.pop(pid, None)
         for round_ in self._rounds:
             round_.waiting.discard(pid)
 
@@ -112,6 +132,8 @@ class ReloadRounds(Generic[S]):
         outcomes: list[RoundOutcome[S]] = []
         while self._rounds and (not self._rounds[0].waiting or self._rounds[0].deadline <= now):
             round_ = self._rounds.pop(0)
+            for pid in [pid for pid, started in self._starting.items() if started is round_]:
+                del self._starting[pid]  # too late to answer it now
             result: Result = "failure" if round_.failed or round_.waiting else "success"
             latest = not self._rounds  # its snapshot is still the current one
             refused_by_all = result == "failure" and not round_.succeeded and not round_.waiting

@@ -91,6 +91,15 @@ def new_unix_listener(config: Config, addresses: Collection[Address]) -> str | N
     return None
 
 
+def ready_fields(pids: list[int], config: Config) -> dict[str, object]:
+    """What the supervisor's "ready" log line says."""
+    return {
+        "version": __version__,
+        "workers": pids,
+        "routes": {route.name: str(route.listen) for route in config.routes},
+    }
+
+
 class Supervisor:
     def __init__(
         self,
@@ -159,23 +168,21 @@ class Supervisor:
             extra={"fields": {**fields, "restart_in_seconds": round(delay, 3)}},
         )
 
+    def restart_due(self, now: float) -> None:
+        for worker in self.pool.restart_due(now):
+            self.rounds.worker_started(worker.pid)  # it loads the current snapshot
+
     def read_notifications(self) -> None:
         """The workers' sd_notify messages: ready, connections, reload results."""
-        for pid, ok in self.pool.read_notifications():
-            self.rounds.answered(pid, ok)
+        for heard in self.pool.read_notifications():
+            if heard.came_up:
+                self.rounds.worker_ready(heard.worker.pid)
+            if heard.reload_ok is not None:
+                self.rounds.answered(heard.worker.pid, heard.reload_ok)
         if not self.announced and not self.stopping and self.table.all_started_and_ready():
             self.announced = True
             self.notifier.ready(self.status())
-            log.info(
-                "ready",
-                extra={
-                    "fields": {
-                        "version": __version__,
-                        "workers": self.table.pids(),
-                        "routes": {r.name: str(r.listen) for r in self.config.routes},
-                    }
-                },
-            )
+            log.info("ready", extra={"fields": ready_fields(self.table.pids(), self.config)})
 
     def status(self) -> str:
         return status_line(self.table.connections(), len(self.table))
@@ -281,7 +288,7 @@ class Supervisor:
             selector.register(self.receiver.fileno(), selectors.EVENT_READ, "notify")
             try:
                 for slot in range(self.count):
-                    self.pool.spawn(slot)
+                    self.rounds.worker_started(self.pool.spawn(slot).pid)
                 self._loop(selector, wakeup)
             finally:
                 if self.table:  # only on an unexpected error: do not leave them behind
@@ -308,7 +315,7 @@ class Supervisor:
             self.reap()
             now = time.monotonic()
             if not self.stopping:
-                self.pool.restart_due(now)
+                self.restart_due(now)
             self.finish_reloads(now)
             self.check_stop_deadline(now)
             if not self.stopping:

@@ -66,6 +66,7 @@ class Heard:
     """What one sd_notify message from a worker changed."""
 
     worker: Worker
+    came_up: bool  # this is its first READY=1: it has loaded its config and serves
     send_reload: bool  # it just became ready with a reload held back: SIGHUP it now
     reload_ok: bool | None  # it reported a reload: did it succeed (None: no report)
 
@@ -187,7 +188,9 @@ class WorkerTable:
             return None  # a worker already reaped, or not one of ours
         worker.last_heard = now
         send_reload = False
+        came_up = False
         if fields.get("READY") == "1":
+            came_up = not worker.ready
             worker.ready = True
             if worker.reload_pending:
                 worker.reload_pending = False
@@ -196,7 +199,8 @@ class WorkerTable:
         if count is not None:
             worker.connections = count
         result = fields.get(RELOAD_RESULT_FIELD)
-        return Heard(worker, send_reload, None if result is None else result == "success")
+        reload_ok = None if result is None else result == "success"
+        return Heard(worker, came_up, send_reload, reload_ok)
 
     def hung(self, now: float) -> list[tuple[Worker, float]]:
         """The ready workers silent for longer than the watchdog, with their silence;

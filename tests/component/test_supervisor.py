@@ -420,3 +420,31 @@ def test_a_reload_that_adds_a_unix_listener_is_refused(
         " needs a restart when workers > 1",
     }
     assert harness.notifier.sent[-2:] == ["RELOADING=1", "READY=1"]
+
+
+def test_a_worker_restarted_during_a_round_is_counted_in_it(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker 1002 dies during a reload and its replacement loads the new snapshot; when
+    1001 then refuses, the snapshot must not go back under the replacement's feet."""
+    harness.all_ready()
+    new_text = harness.reload_to_one_route()
+    harness.workers[1].process.returncode = -9  # type: ignore[attr-defined]
+    harness.supervisor.reap()
+    replacement = worker(1003, slot=1)
+
+    def spawn(slot: int) -> Worker:
+        harness.supervisor.table.add(replacement)
+        return replacement
+
+    harness.supervisor.pool.spawn = spawn  # type: ignore[method-assign]
+    harness.supervisor.restart_due(1e12)
+    harness.answer(1001, "failure")
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.reloads() == (0, 0)  # the replacement has not come up yet
+    harness.receiver.send(1003, READY="1")
+    harness.supervisor.read_notifications()
+    harness.supervisor.finish_reloads(0.0)
+    assert harness.reloads() == (0, 1)
+    assert harness.snapshot() == new_text  # what the replacement runs
+    assert "reload failed in some workers; see their log lines" in caplog.messages

@@ -39,7 +39,8 @@ class ModelRound:
 class ReloadRoundsMachine(RuleBasedStateMachine):
     """The model: what each live worker runs.
 
-    - a worker started now runs the current snapshot;
+    - a worker started now runs the current snapshot; while a round is pending, that round
+      waits for it, and its coming up answers it as a success;
     - a worker that reports a reload succeeded runs the current snapshot (it read the
       file when it got SIGHUP, and the answer settles every round waiting for it);
     - a worker that refused keeps what it ran.
@@ -48,10 +49,7 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
     the current snapshot, except
     - a worker that refused (or did not answer in time) a reload that some other worker
       took: the supervisor logs "reload failed in some workers" and the service runs
-      mixed until that worker reloads successfully or is restarted;
-    - a worker started while a round was pending, when that round is then refused by
-      every worker it was sent to: the new worker loaded the refused config (a gap in
-      the supervisor kept as it is; in practice such a worker usually fails to start).
+      mixed until that worker reloads successfully or is restarted.
     """
 
     def __init__(self) -> None:
@@ -62,7 +60,7 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         self.next_config = 1
         self.runs: dict[int, str] = {}  # live pid -> the snapshot it runs
         self.excused: set[int] = set()
-        self.started_during_round: set[int] = set()
+        self.starting: dict[int, ModelRound | None] = {}  # not up yet -> the round it loads
         self.model_rounds: list[ModelRound] = []  # pending, in order
         self.started_numbers: list[int] = []
         self.finished_numbers: list[int] = []
@@ -77,11 +75,19 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         pid = self.next_pid
         self.next_pid += 1
         self.runs[pid] = self.rounds.current
-        if self.rounds.pending:
-            self.started_during_round.add(pid)
+        self.rounds.worker_started(pid)
+        latest = self.model_rounds[-1] if self.model_rounds else None
+        if latest is not None:
+            latest.waiting.add(pid)
+        self.starting[pid] = latest
 
     def _waiting(self) -> list[int]:
         return sorted(set().union(*(r.waiting for r in self.model_rounds)))
+
+    def _answerable(self) -> list[int]:
+        """Workers that can report a reload: a worker still starting cannot (its SIGHUP
+        is held back until it is ready)."""
+        return [pid for pid in self._waiting() if pid not in self.starting]
 
     # ----- events --------------------------------------------------------------------
 
@@ -95,18 +101,29 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         self.started_numbers.append(number)
         self.model_rounds.append(ModelRound(number, snapshot, self.now, set(pids)))
 
-    @precondition(lambda self: self._waiting())
+    @precondition(lambda self: self._answerable())
     @rule(data=st.data(), ok=st.booleans())
     def answer(self, data: st.DataObject, ok: bool) -> None:
-        self._answer(data.draw(st.sampled_from(self._waiting())), ok)
+        self._answer(data.draw(st.sampled_from(self._answerable())), ok)
 
-    @precondition(lambda self: self._waiting())
+    @precondition(lambda self: self.starting)
+    @rule(data=st.data())
+    def come_up(self, data: st.DataObject) -> None:
+        """A started worker sends its first READY=1: it serves the snapshot it loaded."""
+        pid = data.draw(st.sampled_from(sorted(self.starting)))
+        loaded = self.starting.pop(pid)
+        self.rounds.worker_ready(pid)
+        if loaded is not None and pid in loaded.waiting and loaded in self.model_rounds:
+            loaded.waiting.discard(pid)
+            loaded.ok.add(pid)
+
+    @precondition(lambda self: self._answerable())
     @rule(data=st.data())
     def answer_all(self, data: st.DataObject) -> None:
         """Every worker some round waits for answers, in one batch of messages read
         between two looks at the rounds. (Without this rule, a reload some workers took
         followed by one they all refused is too rare for the search to reach.)"""
-        for pid in self._waiting():
+        for pid in self._answerable():
             self._answer(pid, data.draw(st.booleans(), label=f"ok {pid}"))
 
     def _answer(self, pid: int, ok: bool) -> None:
@@ -118,7 +135,6 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         if ok:
             self.runs[pid] = self.rounds.current
             self.excused.discard(pid)
-            self.started_during_round.discard(pid)
 
     @precondition(lambda self: self.runs)
     @rule(data=st.data(), ok=st.booleans())
@@ -138,7 +154,7 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
         pid = data.draw(st.sampled_from(sorted(self.runs)))
         del self.runs[pid]
         self.excused.discard(pid)
-        self.started_during_round.discard(pid)
+        self.starting.pop(pid, None)
         self.rounds.worker_gone(pid)
         for round_ in self.model_rounds:
             round_.waiting.discard(pid)
@@ -182,20 +198,12 @@ class ReloadRoundsMachine(RuleBasedStateMachine):
             )
             if outcome.restore is not None:
                 assert self.rounds.current == outcome.restore
-                # The known gap (see the class): workers started during the round.
-                self.excused |= {
-                    pid
-                    for pid in self.started_during_round
-                    if self.runs.get(pid) != outcome.restore
-                }
             if outcome.close_dropped_listeners:
                 # Listeners are closed down to the config that stays current.
                 assert self.rounds.current == outcome.snapshot
             if result == "failure" and not refused_by_all:
                 # A reload some took and some refused or missed: the service runs mixed.
                 self.excused |= (expected.refused | expected.waiting) & set(self.runs)
-        if not self.model_rounds:
-            self.started_during_round.clear()
         # No round still pending is past its deadline, or fully answered.
         for round_ in self.model_rounds[:1]:
             assert round_.waiting and self.now < round_.started + TIMEOUT
@@ -453,3 +461,30 @@ def test_a_round_nobody_was_asked_ends_at_once_as_a_success() -> None:
     (outcome,) = rounds.finish(0.0)
     assert (outcome.result, outcome.restore, rounds.current) == ("success", None, "new")
     assert rounds.pending == 0
+
+
+def test_a_worker_started_during_a_round_is_part_of_it() -> None:
+    """Worker 1 refuses "c1"; worker 2, restarted meanwhile, loaded "c1" and came up.
+    Going back to "c0" would leave worker 2 on a config the snapshot no longer holds,
+    and a worker restarted later on a different one: the round is a partial failure."""
+    rounds: ReloadRounds[str] = ReloadRounds("c0", TIMEOUT)
+    rounds.worker_started(1)
+    rounds.worker_ready(1)
+    rounds.start("c1", {1}, now=0.0)
+    rounds.worker_started(2)  # loads the current snapshot, "c1"
+    rounds.answered(1, ok=False)
+    assert rounds.finish(now=1.0) == []  # still waiting for worker 2 to come up
+    rounds.worker_ready(2)
+    [outcome] = rounds.finish(now=2.0)
+    assert outcome.result == "failure" and not outcome.refused_by_all
+    assert outcome.restore is None and rounds.current == "c1"  # what worker 2 runs
+
+
+def test_a_worker_started_during_a_round_that_dies_leaves_it_to_the_others() -> None:
+    rounds: ReloadRounds[str] = ReloadRounds("c0", TIMEOUT)
+    rounds.start("c1", {1}, now=0.0)
+    rounds.worker_started(2)
+    rounds.answered(1, ok=False)
+    rounds.worker_gone(2)  # failed to start on "c1"
+    [outcome] = rounds.finish(now=1.0)
+    assert outcome.refused_by_all and outcome.restore == "c0" and rounds.current == "c0"
