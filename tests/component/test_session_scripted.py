@@ -373,6 +373,31 @@ async def test_an_upstream_reset_found_while_writing_to_it_is_an_upstream_reset(
     rig.upstream_app = socket.socket()
 
 
+async def test_a_reset_after_a_half_close_is_noticed_when_the_upstream_answers(rig: Rig):
+    rig.adopt()
+    rig.client_app.send(b"request")
+    rig.client_app.shutdown(socket.SHUT_WR)
+    wait_readable(rig.client)
+    turn(rig.reactor)
+    assert rig.outbound_state == DONE  # the request and its FIN passed on
+    assert read_to_eof(rig.upstream_app) == b"request"
+    # The client gives up before the (slow) upstream answers: a reset.
+    reset(rig.client_app)
+    wait_reset_seen(rig.client)
+    # Its fd left the epoll set when its direction ended, so nothing is reported: a
+    # reset socket reports HUP and ERR on every round, and nobody would read it.
+    assert ready_now(rig.reactor) == {}
+    turn(rig.reactor)
+    assert rig.outcomes == []
+    # The answer finds the client gone: that is when the reset is known and passed on.
+    rig.upstream_app.send(b"late answer")
+    wait_readable(rig.upstream)
+    turn(rig.reactor)
+    assert rig.outcomes == [Outcome.CLIENT_RESET]
+    assert outcome_seen_by(rig.upstream_app) == "reset"
+    rig.client_app = socket.socket()
+
+
 async def test_a_bug_in_the_relay_resets_both_sides(rig: Rig):
     rig.adopt()
     rig.session.fail(RuntimeError("a bug"))  # what the reactor calls when on_ready raised

@@ -156,7 +156,9 @@ def at_eof(sock: socket.socket) -> bool:
 def outcome_seen_by(sock: socket.socket) -> str:
     """How the far end of `sock` ended, as `sock` sees it: "fin", "reset" or "open".
 
-    Bytes still waiting are read and dropped first.
+    Bytes still waiting are read and dropped first. A reset that follows a FIN already
+    received is not reported by recv(), which says EOF again; the error it left is still
+    pending (EPIPE, in CLOSE_WAIT), and SO_ERROR tells.
     """
     wait_readable(sock, "the far end to close")
     while True:
@@ -167,6 +169,8 @@ def outcome_seen_by(sock: socket.socket) -> str:
         except BlockingIOError:
             return "open"
         if not chunk:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return "reset"
             return "fin"
 
 
