@@ -92,6 +92,13 @@ class ReloadRounds(Generic[S]):
 
         The snapshot becomes current at once: a worker started during the round loads it.
         """
+        # A worker still starting may read the snapshot file before or after this
+        # round rewrites it: its coming up no longer says which one it took. It leaves
+        # its round (as any worker started before the first round does) and answers
+        # this one like the others, once its held-back SIGHUP has reached it.
+        for pid, started_in in self._starting.items():
+            started_in.waiting.discard(pid)
+        self._starting.clear()
         self._numbers += 1
         self._rounds.append(
             _Round(self._numbers, snapshot, set(pids), now + self.timeout, self._current)
