@@ -257,7 +257,8 @@ class Session:
         self.cancel_scope: trio.CancelScope | None = None
         # Set by whoever cancels the session from outside (idle sweeper, shutdown).
         self.closing_outcome: Outcome | None = None
-        # What the server needs back when the session ends (slots, per-source count).
+        # What the relay needs back when the session ends (slots, per-source count; see
+        # relay/sessions.py).
         self.owner: object = None
         self.global_slot: trio.Semaphore | None = None
         self.source_key: str | None = None

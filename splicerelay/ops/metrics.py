@@ -212,7 +212,7 @@ class MetricsServer:
     """The /metrics endpoint, served from a daemon thread.
 
     On a TCP address for Prometheus; on a unix address for a worker process, whose
-    supervisor scrapes it and serves the sum (see worker_scrape.py).
+    supervisor scrapes it and serves the sum (see workers/scrape.py).
     """
 
     def __init__(

@@ -5,7 +5,7 @@ writable when the handshake has ended, and SO_ERROR says how. Waiting for that i
 shared epoll rather than in a trio task saves a task, a cancel scope and trio's own
 epoll registration for every new connection, which is most of what a short-lived
 connection costs. Failover follows the strategy's order, as before; the connect timeout
-is checked by the server's timer (`expire`), not by a timer per attempt.
+is checked by the relay's timer (`expire_connects` in relay/timers.py), not per attempt.
 """
 
 from __future__ import annotations

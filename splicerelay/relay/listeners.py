@@ -6,8 +6,8 @@ passed by socket activation is never bound a second time: a route takes the pass
 socket named after it (LISTEN_FDNAMES), or else the one bound to its address.
 
 With `workers` above 1 the listeners are shared (see Role): the supervisor binds every
-listener once and hands it to each worker (see supervisor.py), and a TCP listener that a
-reload adds is bound by every worker on its own with SO_REUSEPORT.
+listener once and hands it to each worker (see workers/pool.py), and a TCP listener
+that a reload adds is bound by every worker on its own with SO_REUSEPORT.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class ListenerSet:
         return sock
 
     def handover(self) -> list[PassedSocket]:
-        """Every socket held, as a worker process should receive it (see supervisor.py).
+        """Every socket held, as a worker process should receive it (see workers/pool.py).
 
         A route's listener is named after the route; one the service manager passed
         keeps being `kept` across reloads, one bound here closes with its route."""
