@@ -37,8 +37,8 @@ from splicerelay.relay.connector import CONNECT_INTEREST, Connector
 from splicerelay.relay.upstreams import UpstreamRuntime
 from tests.support.fakes import build_relay, ending_of, open_client, port_of, serving
 from tests.support.fakes import route_config as relay_config
+from tests.support.peers import blackholed_listener
 from tests.support.scripted import (
-    blackholed_listener,
     bound_port,
     close_idle_reactor,
     listening_port,

@@ -30,27 +30,9 @@ from splicerelay.datapath.flow import (
     was_reset,
 )
 from splicerelay.datapath.stats import ByteCounter, PipeStats
+from tests.support.scripted import readable, reset, send_until_full, tcp_pair, wait_readable
 
 PIPE_SIZE = 64 << 10
-
-
-def tcp_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair (connector, accepted), both non-blocking.
-
-    `rcvbuf` shrinks the accepted end's receive buffer (set before the handshake, so the
-    window follows it), to fill the path with little data.
-    """
-    listener = socket.socket()
-    if rcvbuf is not None:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    near = socket.create_connection(listener.getsockname())
-    far, _ = listener.accept()
-    listener.close()
-    near.setblocking(False)
-    far.setblocking(False)
-    return near, far
 
 
 class Bench:
@@ -98,24 +80,6 @@ async def tight() -> AsyncIterator[Bench]:
     bench.close()
 
 
-def wait_readable(sock: socket.socket) -> None:
-    """Bytes sent on loopback are there at once, but poll with a bound to be sure."""
-    import select
-
-    assert select.select([sock], [], [], 5)[0], "nothing arrived"
-
-
-def send_all_it_takes(sock: socket.socket, data: bytes) -> int:
-    """Send as much of `data` as the socket accepts without blocking."""
-    sent = 0
-    while sent < len(data):
-        try:
-            sent += sock.send(data[sent : sent + 65536])
-        except BlockingIOError:
-            break
-    return sent
-
-
 async def test_a_chunk_passes_and_its_pipe_goes_back_to_the_pool(bench):
     bench.client_app.send(b"hello")
     wait_readable(bench.client_side)
@@ -146,7 +110,7 @@ async def test_an_empty_source_asks_to_read_and_keeps_no_pipe(bench):
 
 async def test_a_full_destination_holds_the_bytes_in_the_pipe_and_asks_to_write(tight):
     data = os.urandom(1 << 20)
-    sent = send_all_it_takes(tight.client_app, data)
+    sent = send_until_full(tight.client_app, data)
     wait_readable(tight.client_side)
     assert tight.flow.step(readable=True) == WANT_WRITE
     assert tight.flow.held > 0
@@ -155,7 +119,7 @@ async def test_a_full_destination_holds_the_bytes_in_the_pipe_and_asks_to_write(
     got = bytearray()
     for _ in range(10_000):
         got += tight.received()
-        sent += send_all_it_takes(tight.client_app, data[sent:])
+        sent += send_until_full(tight.client_app, data[sent:])
         if len(got) == len(data):
             break
         tight.flow.step()
@@ -165,14 +129,14 @@ async def test_a_full_destination_holds_the_bytes_in_the_pipe_and_asks_to_write(
 
 async def test_eof_with_bytes_still_in_the_pipe_delivers_them_before_the_fin(tight):
     data = os.urandom(256 << 10)
-    sent = send_all_it_takes(tight.client_app, data)
+    sent = send_until_full(tight.client_app, data)
     wait_readable(tight.client_side)
     assert tight.flow.step(readable=True) == WANT_WRITE
     got = bytearray()
     state = WANT_WRITE
     fin_seen = False
     for _ in range(10_000):
-        sent += send_all_it_takes(tight.client_app, data[sent:])
+        sent += send_until_full(tight.client_app, data[sent:])
         if sent == len(data):
             # Why here: the client's FIN reaches the flow while bytes are still held.
             tight.client_app.shutdown(socket.SHUT_WR)
@@ -209,18 +173,7 @@ async def test_when_the_other_direction_is_done_eof_leaves_the_fin_to_close(benc
     wait_readable(bench.client_side)
     assert bench.flow.step(readable=True) == DONE
     assert bench.received() == b""  # no FIN sent yet: the session's close sends it
-    assert not readable_now(bench.upstream_app)
-
-
-def readable_now(sock: socket.socket) -> bool:
-    import select
-
-    return bool(select.select([sock], [], [], 0.05)[0])
-
-
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
+    assert not readable(bench.upstream_app, 0.05)
 
 
 async def test_a_reset_source_raises_read_error(bench):
@@ -237,7 +190,7 @@ async def test_a_reset_destination_raises_write_error(bench):
     for _ in range(500):
         if was_reset(bench.upstream_side):
             break
-        readable_now(bench.upstream_side)
+        readable(bench.upstream_side, 0.01)
     assert was_reset(bench.upstream_side)
     bench.client_app.send(b"into the void")
     wait_readable(bench.client_side)
@@ -248,7 +201,7 @@ async def test_a_reset_destination_raises_write_error(bench):
 
 
 async def test_a_pipe_that_still_holds_bytes_is_closed_not_pooled(tight):
-    send_all_it_takes(tight.client_app, os.urandom(1 << 20))
+    send_until_full(tight.client_app, os.urandom(1 << 20))
     wait_readable(tight.client_side)
     assert tight.flow.step(readable=True) == WANT_WRITE
     pipe = tight.flow.pipe
@@ -349,7 +302,7 @@ async def test_out_of_fds_for_a_pipe_waits_and_keeps_the_bytes_in_the_socket(ben
 async def test_one_busy_flow_yields_after_its_byte_budget(bench, monkeypatch):
     monkeypatch.setattr(flow_module, "YIELD_EVERY_BYTES", 1)
     data = os.urandom(PIPE_SIZE * 4)
-    send_all_it_takes(bench.client_app, data)
+    send_until_full(bench.client_app, data)
     wait_readable(bench.client_side)
     assert bench.flow.step(readable=True, eager=True) == WANT_READ
     first = bench.counter.splice

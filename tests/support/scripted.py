@@ -300,22 +300,3 @@ def listening_port() -> socket.socket:
 
 def bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
-
-
-def blackholed_listener() -> tuple[socket.socket, list[socket.socket]]:
-    """A port that never answers SYNs: listen(0) with its accept queue already full.
-
-    Linux drops SYNs for a listener whose queue is full, so a connect to it stays in
-    progress like one to a firewalled host, without leaving loopback.
-    """
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(listener.getsockname())
-        fillers.append(filler)
-    return listener, fillers
