@@ -7,6 +7,7 @@ module of the package holds them:
 - units: durations and sizes;
 - load: parse_config, read_config, load_config, file_identity, config_from_args;
 - render: render_config, the effective config back to YAML;
+- warnings: config_warnings, valid settings that are probably a mistake;
 - addresses (imported from its own module): listen and upstream addresses.
 
 Underneath, nodes is a generic reader of composed YAML, values reads the config's value
@@ -28,6 +29,7 @@ from splicerelay.config.model import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_METRICS_LISTEN,
     DEFAULT_PIPE_SIZE,
+    DEFAULT_PROXY_PROTOCOL_MAX_HEADER,
     DEFAULT_PROXY_PROTOCOL_TIMEOUT,
     DEFAULT_RESOLVE_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
@@ -43,6 +45,7 @@ from splicerelay.config.model import (
 )
 from splicerelay.config.render import render_config
 from splicerelay.config.units import format_duration, format_size, parse_duration, parse_size
+from splicerelay.config.warnings import config_warnings
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -50,6 +53,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_METRICS_LISTEN",
     "DEFAULT_PIPE_SIZE",
+    "DEFAULT_PROXY_PROTOCOL_MAX_HEADER",
     "DEFAULT_PROXY_PROTOCOL_TIMEOUT",
     "DEFAULT_RESOLVE_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
@@ -62,6 +66,7 @@ __all__ = [
     "Route",
     "Upstream",
     "config_from_args",
+    "config_warnings",
     "file_identity",
     "format_duration",
     "format_size",

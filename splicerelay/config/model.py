@@ -20,6 +20,15 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
 DEFAULT_PROXY_PROTOCOL_TIMEOUT = 3.0
 DEFAULT_RESOLVE_INTERVAL = 30.0
+# The largest PROXY header a client may send. A v2 header with IPv6 addresses is 52
+# bytes, and a few TLVs (ALPN, authority, a unique id, SSL details) stay well under 1 KiB;
+# HAProxy reads the whole header from one buffer. 4 KiB leaves room for real TLVs and
+# bounds what an unknown peer can make the relay read and checksum.
+DEFAULT_PROXY_PROTOCOL_MAX_HEADER = 4 << 10
+# A v1 line is at most 107 bytes and a v2 header for unix addresses 232: below this no
+# valid header of every kind fits. 16 + 65535 is the largest v2 header there is.
+MIN_PROXY_PROTOCOL_MAX_HEADER = 256
+MAX_PROXY_PROTOCOL_MAX_HEADER = 16 + 0xFFFF
 
 MIN_PIPE_SIZE = 4 << 10
 MAX_PIPE_SIZE = 1 << 30
@@ -35,6 +44,12 @@ BALANCE_STRATEGIES = ("round_robin", "least_connections", "random", "source_hash
 PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+# Which client address allow and deny check on a route that accepts PROXY headers: the
+# one the header names ("proxy"), the socket's real peer ("peer"), or each of them.
+ALLOW_APPLIES_TO = ("both", "proxy", "peer")
+# Which addresses of an upstream host name become members: every address it resolves
+# to (as nginx does), or only the first.
+UPSTREAM_RESOLVE_MODES = ("all", "first")
 
 
 class ConfigError(Exception):
@@ -47,10 +62,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
-    """A backend a route forwards to; `weight` is its share of new connections."""
+    """A backend a route forwards to; `weight` is its share of new connections.
+
+    `resolve` says which addresses of a host name serve: "all" of them, sharing the
+    weight, or only the "first"."""
 
     address: Address
     weight: int = 1
+    resolve: str = "all"
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,10 @@ class Route:
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
     # None: no limit on the connections one client address may hold open at once.
     max_connections_per_source: int | None = None
+    # Peers allowed to send a PROXY header; empty trusts every peer (warned at load).
+    proxy_protocol_trusted: tuple[Network, ...] = ()
+    allow_applies_to: str = "both"
+    proxy_protocol_max_header: int = DEFAULT_PROXY_PROTOCOL_MAX_HEADER
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,7 @@ class Tunables:
     proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
     max_connections_per_source: int | None = None
+    proxy_protocol_max_header: int = DEFAULT_PROXY_PROTOCOL_MAX_HEADER
 
 
 def route_with(tunables: Tunables, **settings: Any) -> Route:

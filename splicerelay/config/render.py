@@ -55,13 +55,19 @@ def _route_data(route: Route) -> dict[str, Any]:
         "name": route.name,
         "listen": str(route.listen),
         "upstreams": [
-            {"address": str(upstream.address), "weight": upstream.weight}
+            {
+                "address": str(upstream.address),
+                "weight": upstream.weight,
+                "resolve": upstream.resolve,
+            }
             for upstream in route.upstreams
         ],
         "balance": route.balance,
         "proxy_protocol": route.proxy_protocol,
         "accept_proxy_protocol": route.accept_proxy_protocol,
+        "proxy_protocol_trusted": [str(network) for network in route.proxy_protocol_trusted],
         "proxy_protocol_timeout": format_duration(route.proxy_protocol_timeout),
+        "proxy_protocol_max_header": format_size(route.proxy_protocol_max_header),
         "health_check": _health_check_data(route.health_check),
         "connect_timeout": format_duration(route.connect_timeout),
         "idle_timeout": format_duration(route.idle_timeout),
@@ -73,6 +79,7 @@ def _route_data(route: Route) -> dict[str, Any]:
         "max_connections_per_source": route.max_connections_per_source,
         "allow": [str(network) for network in route.allow],
         "deny": [str(network) for network in route.deny],
+        "allow_applies_to": route.allow_applies_to,
     }
 
 

@@ -13,15 +13,20 @@ import yaml
 
 from splicerelay.config.addresses import Address, TcpAddress
 from splicerelay.config.model import (
+    ALLOW_APPLIES_TO,
     BALANCE_STRATEGIES,
     MAX_CONNECT_ATTEMPTS_LIMIT,
     MAX_CONNECTIONS_LIMIT,
     MAX_HEALTH_COUNT,
     MAX_PIPE_SIZE,
+    MAX_PROXY_PROTOCOL_MAX_HEADER,
     MAX_WEIGHT,
     MIN_PIPE_SIZE,
+    MIN_PROXY_PROTOCOL_MAX_HEADER,
     PROXY_PROTOCOL_VERSIONS,
+    UPSTREAM_RESOLVE_MODES,
     HealthCheck,
+    Network,
     Route,
     Tunables,
     Upstream,
@@ -48,6 +53,7 @@ TUNABLE_KEYS = (
     "max_connections_per_source",
     "proxy_protocol_timeout",
     "resolve_interval",
+    "proxy_protocol_max_header",
 )
 HEALTH_CHECK_KEYS = ("interval", "timeout", "rise", "fall", "send", "expect")
 ROUTE_KEYS = (
@@ -57,12 +63,14 @@ ROUTE_KEYS = (
     "balance",
     "proxy_protocol",
     "accept_proxy_protocol",
+    "proxy_protocol_trusted",
     "allow",
     "deny",
+    "allow_applies_to",
     "health_check",
     *TUNABLE_KEYS,
 )
-UPSTREAM_KEYS = ("address", "weight")
+UPSTREAM_KEYS = ("address", "weight", "resolve")
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
@@ -109,6 +117,9 @@ class RouteReader(ValueReader):
             "resolve_interval": self.duration,
             "max_connections_per_source": lambda node, path: self.integer(
                 node, path, 1, MAX_CONNECTIONS_LIMIT, or_null=True
+            ),
+            "proxy_protocol_max_header": lambda node, path: self.size(
+                node, path, MIN_PROXY_PROTOCOL_MAX_HEADER, MAX_PROXY_PROTOCOL_MAX_HEADER
             ),
         }
         changes: dict[str, Any] = {}
@@ -168,9 +179,21 @@ class RouteReader(ValueReader):
         tunables = self.overrides(section, defaults)
         allow = self.networks(fields["allow"], f"{path}.allow") if "allow" in fields else ()
         deny = self.networks(fields["deny"], f"{path}.deny") if "deny" in fields else ()
+        trusted: tuple[Network, ...] = ()
+        if "proxy_protocol_trusted" in fields:
+            trusted = self.networks(
+                fields["proxy_protocol_trusted"], f"{path}.proxy_protocol_trusted"
+            )
+        allow_applies_to: str | None = ALLOW_APPLIES_TO[0]
+        if "allow_applies_to" in fields:
+            allow_applies_to = self.choice(
+                fields["allow_applies_to"], f"{path}.allow_applies_to", ALLOW_APPLIES_TO
+            )
         if name is None or listen is None or upstreams is None or balance is None:
             return None
         if proxy_protocol is None or accept_proxy_protocol is None or not health_check_valid:
+            return None
+        if allow_applies_to is None:
             return None
         return route_with(
             tunables,
@@ -183,6 +206,8 @@ class RouteReader(ValueReader):
             health_check=health_check,
             allow=allow,
             deny=deny,
+            proxy_protocol_trusted=trusted,
+            allow_applies_to=allow_applies_to,
         )
 
     def health_check(self, node: yaml.Node, path: str) -> HealthCheck | None:
@@ -282,6 +307,11 @@ class RouteReader(ValueReader):
         weight: int | None = 1
         if "weight" in section.fields:
             weight = self.integer(section.fields["weight"], f"{path}.weight", 1, MAX_WEIGHT)
+        resolve: str | None = UPSTREAM_RESOLVE_MODES[0]
+        if "resolve" in section.fields:
+            resolve = self.choice(
+                section.fields["resolve"], f"{path}.resolve", UPSTREAM_RESOLVE_MODES
+            )
         address_node = self.required(section, "address")
         if address_node is None:
             return None
@@ -289,6 +319,6 @@ class RouteReader(ValueReader):
         if isinstance(address, TcpAddress) and address.port == 0:
             self.report(address_node, f"{path}.address", "port 0 is not allowed for an upstream")
             return None
-        if address is None or weight is None:
+        if address is None or weight is None or resolve is None:
             return None
-        return Upstream(address, weight)
+        return Upstream(address, weight, resolve)

@@ -601,14 +601,17 @@ def test_yaml_integer_spellings() -> None:
 # --- one mistake, one error line -------------------------------------------------------
 
 ROUTE_KEYS_LIST = (
-    "name, listen, upstreams, balance, proxy_protocol, accept_proxy_protocol, allow, deny,"
+    "name, listen, upstreams, balance, proxy_protocol, accept_proxy_protocol,"
+    " proxy_protocol_trusted, allow, deny, allow_applies_to,"
     " health_check, connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
-    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval"
+    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
+    " proxy_protocol_max_header"
 )
 TOP_KEYS_LIST = "workers, shutdown_timeout, max_connections, metrics, log, defaults, routes"
 DEFAULTS_KEYS_LIST = (
     "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
-    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval"
+    " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
+    " proxy_protocol_max_header"
 )
 HEALTH_CHECK_KEYS_LIST = "interval, timeout, rise, fall, send, expect"
 DURATION_HINT = "(e.g. 250ms, 5s, 1.5s, 1m, 1h)"
@@ -1282,10 +1285,13 @@ routes:
   upstreams:
   - address: 127.0.0.1:8000
     weight: 1
+    resolve: all
   balance: round_robin
   proxy_protocol: none
   accept_proxy_protocol: false
+  proxy_protocol_trusted: []
   proxy_protocol_timeout: 3s
+  proxy_protocol_max_header: 4KiB
   health_check: false
   connect_timeout: 5s
   idle_timeout: 1h
@@ -1297,6 +1303,7 @@ routes:
   max_connections_per_source: null
   allow: []
   deny: []
+  allow_applies_to: both
 """
 
 
@@ -1313,6 +1320,9 @@ def test_render_writes_out_every_new_setting() -> None:
     proxy_protocol: v1
     accept_proxy_protocol: true
     proxy_protocol_timeout: 250ms
+    proxy_protocol_trusted: [10.0.0.0/8, "::1"]
+    proxy_protocol_max_header: 1KiB
+    allow_applies_to: peer
     health_check: {send: "PING\\r\\n", expect: "+PONG", interval: 2m}
     max_connect_attempts: 2
     max_duration: 90m
@@ -1332,7 +1342,11 @@ def test_render_writes_out_every_new_setting() -> None:
   balance: source_hash
   proxy_protocol: v1
   accept_proxy_protocol: true
+  proxy_protocol_trusted:
+  - 10.0.0.0/8
+  - ::1/128
   proxy_protocol_timeout: 250ms
+  proxy_protocol_max_header: 1KiB
   health_check:
     interval: 2m
     timeout: 1s
@@ -1350,6 +1364,7 @@ def test_render_writes_out_every_new_setting() -> None:
   max_connections_per_source: 20
   allow: []
   deny: []
+  allow_applies_to: peer
 """
     )
 
