@@ -295,8 +295,9 @@ class _UnixServer(_ThreadPerRequest):
 
 
 def _unix_server(path: str, app: Callable[..., Any]) -> WSGIServer:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # left by an earlier process of the same worker slot
+    if not path.startswith("\0"):  # a name in the abstract namespace has no file
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an earlier process of the same worker slot
     server = _UnixServer(path, _QuietHandler)  # type: ignore[arg-type]
     server.set_app(app)
     return server

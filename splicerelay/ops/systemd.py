@@ -88,7 +88,8 @@ def parse_notify(data: bytes) -> dict[str, str]:
 class NotifyReceiver:
     """The service manager's end of NOTIFY_SOCKET, for a supervisor of worker processes.
 
-    A non-blocking AF_UNIX datagram socket bound at `path`. Why SO_PASSCRED: like systemd,
+    A non-blocking AF_UNIX datagram socket bound at `path` (a leading NUL byte: a name
+    in the abstract namespace). Why SO_PASSCRED: like systemd,
     it tells senders apart by the pid the kernel attaches to each datagram, which a
     sender cannot forge, instead of trusting what the message says.
     """
@@ -122,8 +123,9 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self._socket.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if not self.path.startswith("\0"):  # a name in the abstract namespace has no file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:

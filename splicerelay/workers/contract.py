@@ -1,8 +1,10 @@
 """What a worker process receives from its supervisor, and how it behaves as one.
 
-The supervisor (supervisor.py) starts each worker as `splicerelay run -c FILE` with one
-environment variable, SPLICERELAY_WORKER, holding JSON: the worker's slot, where to serve
-its private /metrics, the supervisor's pid, and the listening sockets it inherits.
+The supervisor (supervisor.py) starts each worker as `splicerelay run -c
+/proc/self/fd/N` with one environment variable, SPLICERELAY_WORKER, holding JSON: the
+worker's slot, where to serve its private /metrics, the supervisor's pid, the listening
+sockets it inherits, and N, the inherited memfd that holds its config (config_copy.py).
+Nothing of this needs a writable file system.
 
 Why not LISTEN_FDS, the socket activation variables the relay already reads: they name
 descriptors that must start at 3 and run on without gaps, and LISTEN_PID must be the
@@ -50,8 +52,9 @@ class InheritedSocket:
 class WorkerSetup:
     slot: int  # 0 .. workers-1; a restarted worker takes the slot of the one it replaces
     supervisor_pid: int
-    metrics_path: str  # unix socket for this worker's /metrics, /readyz
+    metrics_path: str  # unix socket for this worker's /metrics, /readyz (may be abstract)
     sockets: tuple[InheritedSocket, ...]
+    config_fd: int  # the memfd holding the config, read as /proc/self/fd/N
 
 
 def encode(setup: WorkerSetup) -> str:
@@ -61,6 +64,7 @@ def encode(setup: WorkerSetup) -> str:
             "supervisor_pid": setup.supervisor_pid,
             "metrics_path": setup.metrics_path,
             "sockets": [[item.fd, item.name, item.kept] for item in setup.sockets],
+            "config_fd": setup.config_fd,
         }
     )
 
@@ -77,6 +81,7 @@ def decode(text: str) -> WorkerSetup:
                 InheritedSocket(int(fd), str(name), bool(kept))
                 for fd, name, kept in data["sockets"]
             ),
+            config_fd=int(data["config_fd"]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{WORKER_ENV}: not a worker setup: {error}") from None
@@ -89,7 +94,14 @@ def take_worker_setup() -> WorkerSetup | None:
     worker too.
     """
     text = os.environ.pop(WORKER_ENV, None)
-    return None if text is None else decode(text)
+    if text is None:
+        return None
+    setup = decode(text)
+    # Why: pass_fds made the config's memfd inheritable for the exec; nothing this
+    # process starts needs it. Reading it through /proc/self/fd is unaffected.
+    with contextlib.suppress(OSError):
+        os.set_inheritable(setup.config_fd, False)
+    return setup
 
 
 def inherited_sockets(setup: WorkerSetup) -> list[PassedSocket]:

@@ -1,9 +1,10 @@
-"""The worker processes themselves: starting them on the shared listeners, the snapshot
-they load, signalling and reaping them, and reading what they tell the supervisor.
+"""The worker processes themselves: starting them on the shared listeners, each one's
+copy of the config (config_copy.py), signalling and reaping them, and reading what they
+tell the supervisor.
 
-WorkerTable decides (which slot to restart, which worker is hung); this module does the
-process and file work, and the supervisor decides what a death or a message means for
-the service as a whole.
+WorkerTable decides (which slot to restart, which worker is hung, when a worker may take
+a reload); this module does the process and descriptor work, and the supervisor decides
+what a death or a message means for the service as a whole.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import Callable
 from splicerelay.ops.service import RunOptions
 from splicerelay.ops.systemd import NotifyReceiver
 from splicerelay.relay.listeners import ListenerSet
+from splicerelay.workers.config_copy import ConfigCopy
 from splicerelay.workers.contract import InheritedSocket, WorkerSetup
 from splicerelay.workers.launch import start_worker, worker_command, worker_environment
+from splicerelay.workers.rendezvous import Rendezvous
 from splicerelay.workers.scrape import WorkerView
 from splicerelay.workers.worker_table import Heard, Worker, WorkerTable
 
@@ -35,48 +38,56 @@ class WorkerPool:
         options: RunOptions,
         table: WorkerTable,
         listeners: ListenerSet,
-        directory: str,
+        rendezvous: Rendezvous,
         receiver: NotifyReceiver,
         worker_gone: Callable[[int], None],
+        current_text: Callable[[], str],
     ) -> None:
         self.options = options
         self.table = table
         self.listeners = listeners
-        self.directory = directory
+        self.rendezvous = rendezvous
         self.receiver = receiver
         self._worker_gone = worker_gone  # told a departed worker's id (the scraper)
-        self.snapshot = os.path.join(directory, "config.yaml")
+        # The config a worker started or reloaded now is to load (the reload rounds').
+        self._current_text = current_text
         self.views: tuple[WorkerView, ...] = ()
         self._ids = itertools.count(1)
-
-    def write_snapshot(self, text: str) -> None:
-        """The config text every worker started from now on loads."""
-        # Why write-then-rename: a worker that reads it at that moment gets the old file
-        # or the new one, never a torn one.
-        temporary = self.snapshot + ".new"
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, self.snapshot)
+        self._copies: dict[int, ConfigCopy] = {}  # worker id -> its copy of the config
 
     def spawn(self, slot: int) -> Worker:
+        """Start a worker for `slot` on the current config. Raises OSError."""
         worker_id = next(self._ids)
-        metrics_path = os.path.join(self.directory, f"worker-{worker_id}.sock")
-        setup = WorkerSetup(
-            slot=slot,
-            supervisor_pid=os.getpid(),
-            metrics_path=metrics_path,
-            sockets=tuple(
-                InheritedSocket(item.sock.fileno(), item.name, item.kept)
-                for item in self.listeners.handover()
-            ),
-        )
-        environment = worker_environment(os.environ, setup, self.receiver.path, self.table.watchdog)
-        process = start_worker(worker_command(self.options, self.snapshot), environment, setup)
+        metrics_path = self.rendezvous.metrics_address(worker_id)
+        copy = ConfigCopy(self._current_text())
+        try:
+            setup = WorkerSetup(
+                slot=slot,
+                supervisor_pid=os.getpid(),
+                metrics_path=metrics_path,
+                sockets=tuple(
+                    InheritedSocket(item.sock.fileno(), item.name, item.kept)
+                    for item in self.listeners.handover()
+                ),
+                config_fd=copy.fileno(),
+            )
+            environment = worker_environment(
+                os.environ, setup, self.receiver.path, self.table.watchdog
+            )
+            process = start_worker(worker_command(self.options, copy.path), environment, setup)
+        except BaseException:
+            copy.close()
+            raise
         now = time.monotonic()
         worker = Worker(worker_id, slot, process, metrics_path, now, last_heard=now)
+        self._copies[worker_id] = copy
         self.table.add(worker)
         self._refresh_views()
         return worker
+
+    def config_of(self, worker: Worker) -> str:
+        """The text `worker` reads at its next reload (or is reading at its start)."""
+        return self._copies[worker.id].read()
 
     def _refresh_views(self) -> None:
         # Replaced as a whole, so the metrics threads always see a consistent tuple.
@@ -91,8 +102,8 @@ class WorkerPool:
                 self.table.remove(worker)
                 self._refresh_views()
                 self._worker_gone(worker.id)
-                with contextlib.suppress(OSError):
-                    os.unlink(worker.metrics_path)
+                self._copies.pop(worker.id).close()
+                self.rendezvous.remove(worker.metrics_path)
                 exited.append((worker, returncode))
         return exited
 
@@ -130,14 +141,17 @@ class WorkerPool:
             self.kill(worker, signum)
 
     def reload_all(self) -> None:
-        """SIGHUP every ready worker; one still starting gets it once it is ready."""
+        """Have every worker load the current config: at once when it may take a
+        reload, else once it may (WorkerTable.reload_now says why)."""
         for worker in self.table:
-            if worker.ready:
-                self.kill(worker, signal.SIGHUP)
-            else:
-                # Why wait: until a worker is ready it has not set up its signal
-                # handling, and SIGHUP's default action would kill it.
-                worker.reload_pending = True
+            if self.table.reload_now(worker):
+                self._send_reload(worker)
+
+    def _send_reload(self, worker: Worker) -> None:
+        # The worker is not reading its copy now (WorkerTable.reload_now): the rewrite
+        # cannot tear under it.
+        self._copies[worker.id].write(self._current_text())
+        self.kill(worker, signal.SIGHUP)
 
     def read_notifications(self) -> list[Heard]:
         """Take in the workers' sd_notify messages (ready, connections, a held-back
@@ -148,7 +162,7 @@ class WorkerPool:
             if heard is None:
                 continue
             if heard.send_reload:
-                self.kill(heard.worker, signal.SIGHUP)
+                self._send_reload(heard.worker)
             results.append(heard)
         return results
 
@@ -156,3 +170,9 @@ class WorkerPool:
         self.signal_all(signal.SIGKILL)
         for worker in self.table:
             worker.process.wait()
+
+    def close(self) -> None:
+        """Free the config copies of the workers still in the table."""
+        for copy in self._copies.values():
+            copy.close()
+        self._copies.clear()

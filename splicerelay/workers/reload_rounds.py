@@ -75,7 +75,7 @@ class ReloadRounds(Generic[S]):
 
     @property
     def current(self) -> S:
-        """The snapshot on disk: what a worker started now loads."""
+        """What a worker started now loads (and a worker reloaded now)."""
         return self._current
 
     @property
@@ -92,10 +92,10 @@ class ReloadRounds(Generic[S]):
 
         The snapshot becomes current at once: a worker started during the round loads it.
         """
-        # A worker still starting may read the snapshot file before or after this
-        # round rewrites it: its coming up no longer says which one it took. It leaves
-        # its round (as any worker started before the first round does) and answers
-        # this one like the others, once its held-back SIGHUP has reached it.
+        # A worker still starting loads the snapshot from before this round: its coming
+        # up no longer says it took the current one. It leaves its round (as any worker
+        # started before the first round does) and answers this one like the others,
+        # once its held-back SIGHUP has reached it.
         for pid, started_in in self._starting.items():
             started_in.waiting.discard(pid)
         self._starting.clear()

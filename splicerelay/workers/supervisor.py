@@ -4,8 +4,9 @@ of listeners, keeps them running, and speaks for them.
 It is a process manager, not a relay: no trio, no connections. It
 - binds every route's listener once (a port in use fails here, before any worker
   starts) and hands the sockets to each worker, which accept on them in turn;
-- starts each worker as `splicerelay run -c SNAPSHOT` (contract.py says what a worker
-  receives), restarts a worker that dies after a short backoff, and counts it;
+- starts each worker as `splicerelay run -c /proc/self/fd/N`, N being its in-memory copy
+  of the config (contract.py says what a worker receives), restarts a worker that
+  dies after a short backoff, and counts it;
 - validates the config on SIGHUP (or a change seen with --watch) and only then has every
   worker reload it; SIGTERM/SIGINT make every worker drain, and a second one makes them
   close their connections;
@@ -13,9 +14,11 @@ It is a process manager, not a relay: no trio, no connections. It
   the real one READY=1 once all are ready, STATUS=, RELOADING=1, STOPPING=1, WATCHDOG=1;
 - serves one /metrics, /healthz and /readyz for all of them (scrape.py).
 
-Workers read a snapshot of the config that the supervisor wrote after validating it, so
-that every worker, including one restarted later, runs the config the supervisor
-accepted, never a half-edited file.
+Workers read the config text the supervisor validated (config_copy.py), so that every
+worker, including one restarted later, runs the config the supervisor accepted, never a
+half-edited file. Nothing here writes to the file system: the copies are memfds, and the
+sockets between the processes live in a private directory when one can be made, else in
+the abstract namespace (rendezvous.py), so a read-only root is no obstacle.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
 import socket
 import time
@@ -48,10 +50,10 @@ from splicerelay.ops.service import (
 from splicerelay.ops.systemd import Notifier, NotifyReceiver, passed_sockets, watchdog_interval
 from splicerelay.relay.listeners import ListenError, ListenerSet, Role
 from splicerelay.workers.contract import CUT_SIGNAL
-from splicerelay.workers.launch import runtime_directory
 from splicerelay.workers.merged_metrics import Exposition
 from splicerelay.workers.pool import WorkerPool
 from splicerelay.workers.reload_rounds import ReloadRounds
+from splicerelay.workers.rendezvous import Rendezvous, open_rendezvous
 from splicerelay.workers.scrape import WorkerScraper, make_merged_registry
 from splicerelay.workers.supervisor_metrics import supervisor_families
 from splicerelay.workers.wakeup import received, signal_wakeup
@@ -107,14 +109,15 @@ class Supervisor:
         config: Config,
         config_text: str,
         listeners: ListenerSet,
-        directory: str,
+        rendezvous: Rendezvous,
     ) -> None:
+        """Raises OSError when the notify socket cannot be bound."""
         if options.config_path is None:
             raise ValueError("the supervisor runs a config file")
         self.options = options
         self.path: str = options.config_path
         self.listeners = listeners
-        self.directory = directory
+        self.rendezvous = rendezvous
         self.table = WorkerTable(worker_count(config.workers), worker_watchdog_seconds(os.environ))
         self.reloads: Counter[str] = Counter()
         self.rounds = ReloadRounds(Snapshot(config, config_text))
@@ -123,16 +126,21 @@ class Supervisor:
         self._stop_deadline: float | None = None
         self._exit_code = 0
         self.notifier = Notifier()
-        self.receiver = NotifyReceiver(os.path.join(directory, "notify.sock"))
+        self.receiver = NotifyReceiver(rendezvous.notify_address)
         self.scraper = WorkerScraper(lambda: self.pool.views, lambda: self.count, self.own_families)
         self.pool = WorkerPool(
-            options, self.table, listeners, directory, self.receiver, self.scraper.worker_gone
+            options,
+            self.table,
+            listeners,
+            rendezvous,
+            self.receiver,
+            self.scraper.worker_gone,
+            lambda: self.rounds.current.text,
         )
-        self.pool.write_snapshot(config_text)
 
     @property
     def config(self) -> Config:
-        """The config the snapshot holds: what a worker started now runs."""
+        """The current snapshot's config: what a worker started now runs."""
         return self.rounds.current.config
 
     @property
@@ -203,7 +211,6 @@ class Supervisor:
             self._refuse(reason, refusal)
             return
         warn_restart_only_changes(self.config, config, ("metrics", "workers"))
-        self.pool.write_snapshot(text)
         waiting = set(self.table.pids())
         self.rounds.start(Snapshot(config, text), waiting, time.monotonic())
         configure_logs(self.options, config)
@@ -231,8 +238,8 @@ class Supervisor:
             self.reloads[outcome.result] += 1
             if outcome.restore is not None:
                 # Every worker refused it (a name that does not resolve, say) and runs the
-                # config from before: so must a worker restarted from here on.
-                self.pool.write_snapshot(outcome.restore.text)
+                # config from before: so must a worker restarted or reloaded from here
+                # on (the rounds' current snapshot is that one again).
                 configure_logs(self.options, outcome.restore.config)
             if outcome.result == "failure":
                 log.error(
@@ -287,8 +294,12 @@ class Supervisor:
             selector.register(wakeup, selectors.EVENT_READ, "signal")
             selector.register(self.receiver.fileno(), selectors.EVENT_READ, "notify")
             try:
-                for slot in range(self.count):
-                    self.rounds.worker_started(self.pool.spawn(slot).pid)
+                try:
+                    for slot in range(self.count):
+                        self.rounds.worker_started(self.pool.spawn(slot).pid)
+                except OSError as error:
+                    log.error(f"cannot start a worker: {error.strerror or error}")
+                    return 1
                 self._loop(selector, wakeup)
             finally:
                 if self.table:  # only on an unexpected error: do not leave them behind
@@ -343,6 +354,7 @@ class Supervisor:
             self.begin_stop(signal.Signals(signum).name)
 
     def close(self) -> None:
+        self.pool.close()
         self.receiver.close()
         self.notifier.close()
         self.listeners.close_all(_close)
@@ -363,12 +375,16 @@ def run_supervisor(options: RunOptions, config: Config, config_text: str) -> int
             log.error(f"route {route.name}: {error}")
             listeners.close_all(_close)
             return 1
-    directory = runtime_directory()
+    rendezvous = open_rendezvous(os.environ)
     metrics_address = options.metrics_address
     metrics_server = None
     supervisor: Supervisor | None = None
     try:
-        supervisor = Supervisor(options, config, config_text, listeners, directory)
+        try:
+            supervisor = Supervisor(options, config, config_text, listeners, rendezvous)
+        except OSError as error:
+            log.error(f"cannot open the workers' notify socket: {error.strerror or error}")
+            return 1
         if metrics_address is not None:
             try:
                 metrics_server = MetricsServer(
@@ -391,6 +407,6 @@ def run_supervisor(options: RunOptions, config: Config, config_text: str) -> int
         if supervisor is not None:
             supervisor.close()
         listeners.close_all(_close)
-        shutil.rmtree(directory, ignore_errors=True)
+        rendezvous.close()
     log.info("stopped")
     return code

@@ -52,7 +52,8 @@ class Worker:
     started: float
     ready: bool = False
     connections: int = 0
-    reload_pending: bool = False  # SIGHUP held back until the worker is ready
+    reload_pending: bool = False  # SIGHUP held back until the worker may take one
+    reload_in_flight: bool = False  # SIGHUP sent, outcome not reported yet
     last_heard: float = 0.0  # monotonic time of its last sd_notify message
     killed_as_hung: bool = False
 
@@ -67,7 +68,7 @@ class Heard:
 
     worker: Worker
     came_up: bool  # this is its first READY=1: it has loaded its config and serves
-    send_reload: bool  # it just became ready with a reload held back: SIGHUP it now
+    send_reload: bool  # a reload was held back and the worker may take it: SIGHUP it now
     reload_ok: bool | None  # it reported a reload: did it succeed (None: no report)
 
 
@@ -179,6 +180,23 @@ class WorkerTable:
         due = [when - now for when in self._restart_at.values()]
         return max(0.0, min([tick, *due]))
 
+    # ----- reloads ---------------------------------------------------------------------
+
+    def reload_now(self, worker: Worker) -> bool:
+        """A reload for `worker`: True to SIGHUP it now, False when it is held back
+        (`heard` says when to send it).
+
+        Why hold back: until a worker is ready it has not set up its signal handling
+        (SIGHUP's default action would kill it) and it is reading its config; after a
+        SIGHUP it may be reading its config until it reports the outcome. Its copy of
+        the config may only be rewritten while it is not reading it (config_copy.py).
+        """
+        if worker.ready and not worker.reload_in_flight:
+            worker.reload_in_flight = True
+            return True
+        worker.reload_pending = True
+        return False
+
     # ----- what the workers say ------------------------------------------------------
 
     def heard(self, pid: int, fields: Mapping[str, str], now: float) -> Heard | None:
@@ -187,18 +205,21 @@ class WorkerTable:
         if worker is None:
             return None  # a worker already reaped, or not one of ours
         worker.last_heard = now
-        send_reload = False
         came_up = False
         if fields.get("READY") == "1":
             came_up = not worker.ready
             worker.ready = True
-            if worker.reload_pending:
-                worker.reload_pending = False
-                send_reload = True
         count = connections_in_status(fields.get("STATUS", ""))
         if count is not None:
             worker.connections = count
         result = fields.get(RELOAD_RESULT_FIELD)
+        if result is not None:
+            worker.reload_in_flight = False  # it has read its config
+        send_reload = False
+        if worker.reload_pending and worker.ready and not worker.reload_in_flight:
+            worker.reload_pending = False
+            worker.reload_in_flight = True
+            send_reload = True
         reload_ok = None if result is None else result == "success"
         return Heard(worker, came_up, send_reload, reload_ok)
 

@@ -3,97 +3,26 @@
 supervisor does with the workers' messages and deaths.
 
 Worker processes, the notify socket's messages, the service manager and signals to the
-workers are fakes; the config files, the snapshot and the listeners are real.
+workers are fakes (tests/support/supervisor.py); the config files, each worker's copy of
+the config (a real memfd) and the listeners are real.
 """
 
 from __future__ import annotations
 
-import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from splicerelay.config import Config, read_config
-from splicerelay.ops.service import RunOptions
-from splicerelay.ops.systemd import NotifyMessage
-from splicerelay.relay.listeners import ListenerSet, Role
-from splicerelay.workers import supervisor as supervisor_module
 from splicerelay.workers.contract import RELOAD_RESULT_FIELD
-from splicerelay.workers.supervisor import Supervisor
 from splicerelay.workers.worker_table import (
     RESTART_BACKOFF_FIRST,
     RESTART_BACKOFF_MAX,
     STABLE_AFTER,
-    Worker,
     WorkerTable,
 )
-from tests.support.harness import free_port
-
-
-class FakeProcess:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.returncode or 0
-
-
-class FakeReceiver:
-    """Notify messages queued by the test, as the notify socket would return them."""
-
-    path = "/nonexistent/notify.sock"
-
-    def __init__(self) -> None:
-        self.messages: list[NotifyMessage] = []
-
-    def send(self, pid: int, **fields: str) -> None:
-        self.messages.append(NotifyMessage(pid, dict(fields)))
-
-    def receive(self) -> NotifyMessage | None:
-        return self.messages.pop(0) if self.messages else None
-
-    def fileno(self) -> int:
-        return -1
-
-    def close(self) -> None:
-        pass
-
-
-class FakeNotifier:
-    """The real service manager: records what it was told."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def ready(self, status: str, *extra: str) -> None:
-        self.sent.append("READY=1")
-
-    def reloading(self) -> None:
-        self.sent.append("RELOADING=1")
-
-    def stopping(self, status: str) -> None:
-        self.sent.append("STOPPING=1")
-
-    def status(self, status: str) -> None:
-        self.sent.append(f"STATUS={status}")
-
-    def watchdog(self) -> None:
-        self.sent.append("WATCHDOG=1")
-
-    def close(self) -> None:
-        pass
-
-
-def worker(pid: int, slot: int = 0, started: float = 0.0, ready: bool = False) -> Worker:
-    return Worker(pid, slot, FakeProcess(pid), f"/nonexistent/w{pid}.sock", started, ready=ready)
-
+from tests.support.supervisor import Harness, supervisor_harness, worker
 
 # ----- the worker table -----------------------------------------------------------------
 
@@ -185,90 +114,13 @@ def test_a_notify_message_updates_its_worker() -> None:
 
 # ----- the supervisor with fake workers -----------------------------------------------
 
-CONFIG = """\
-workers: 2
-log: {{level: info, format: json}}
-routes:
-  - name: kept
-    listen: 127.0.0.1:{kept}
-    upstreams: [{{address: 127.0.0.1:9}}]
-{more}"""
-DROPPED = """\
-  - name: dropped
-    listen: 127.0.0.1:{dropped}
-    upstreams: [{{address: 127.0.0.1:9}}]
-"""
-
-
-class Harness:
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.ports = {"kept": free_port(), "dropped": free_port()}
-        self.path = tmp_path / "relay.yaml"
-        self.old_text = CONFIG.format(more=DROPPED.format(**self.ports), **self.ports)
-        self.path.write_text(self.old_text)
-        config, text = read_config(str(self.path))
-        self.listeners = ListenerSet(role=Role.SUPERVISOR)
-        for route in config.routes:
-            self.listeners.take(route.name, route.listen)
-        self.logs_configured: list[Config] = []
-        monkeypatch.setattr(
-            supervisor_module,
-            "configure_logs",
-            lambda options, config: self.logs_configured.append(config),
-        )
-        directory = tmp_path / "run"
-        directory.mkdir()
-        self.supervisor = Supervisor(
-            RunOptions(config_path=str(self.path)), config, text, self.listeners, str(directory)
-        )
-        self.supervisor.receiver.close()
-        self.receiver = FakeReceiver()
-        self.supervisor.receiver = self.supervisor.pool.receiver = self.receiver  # type: ignore[assignment]
-        self.notifier = FakeNotifier()
-        self.supervisor.notifier = self.notifier  # type: ignore[assignment]
-        self.signals: list[tuple[int, int]] = []
-        self.supervisor.pool.kill = lambda w, signum: self.signals.append((w.pid, signum))  # type: ignore[method-assign]
-        self.workers = [worker(1001, slot=0), worker(1002, slot=1)]
-        for each in self.workers:
-            self.supervisor.table.add(each)
-
-    def snapshot(self) -> str:
-        return Path(self.supervisor.pool.snapshot).read_text()
-
-    def all_ready(self) -> None:
-        for each in self.workers:
-            self.receiver.send(each.pid, READY="1")
-        self.supervisor.read_notifications()
-
-    def reload_to_one_route(self) -> str:
-        new_text = CONFIG.format(more="", **self.ports)
-        self.path.write_text(new_text)
-        self.supervisor.reload("SIGHUP")
-        return new_text
-
-    def answer(self, pid: int, result: str) -> None:
-        self.receiver.send(pid, **{RELOAD_RESULT_FIELD: result})
-        self.supervisor.read_notifications()
-
-    def reloads(self) -> tuple[float, float]:
-        family = self.supervisor.own_families()["splicerelay_config_reloads"]
-        values = {dict(labels)["result"]: value for (_, labels), value in family.samples.items()}
-        return values["success"], values["failure"]
-
-    def listener_open(self, name: str) -> bool:
-        return any(address.port == self.ports[name] for address in self.listeners.addresses())  # type: ignore[union-attr]
-
 
 @pytest.fixture
-def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]
-    # Whatever logging an earlier test set up, these read the supervisor's lines.
-    logger = logging.getLogger("splicerelay")
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "handlers", [])
-    caplog.set_level(logging.INFO, logger="splicerelay")
-    harness = Harness(tmp_path, monkeypatch)
-    yield harness
-    harness.supervisor.close()
+def harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Iterator[Harness]:
+    with supervisor_harness(tmp_path, monkeypatch, caplog) as harness:
+        yield harness
 
 
 def test_ready_is_announced_once_every_worker_is_ready(harness: Harness) -> None:
@@ -431,14 +283,9 @@ def test_a_worker_restarted_during_a_round_is_counted_in_it(
     new_text = harness.reload_to_one_route()
     harness.workers[1].process.returncode = -9  # type: ignore[attr-defined]
     harness.supervisor.reap()
-    replacement = worker(1003, slot=1)
-
-    def spawn(slot: int) -> Worker:
-        harness.supervisor.table.add(replacement)
-        return replacement
-
-    harness.supervisor.pool.spawn = spawn  # type: ignore[method-assign]
     harness.supervisor.restart_due(1e12)
+    [replacement] = [w for w in harness.supervisor.table if w.pid == 1003]
+    assert harness.supervisor.pool.config_of(replacement) == new_text
     harness.answer(1001, "failure")
     harness.supervisor.finish_reloads(0.0)
     assert harness.reloads() == (0, 0)  # the replacement has not come up yet

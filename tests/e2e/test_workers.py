@@ -826,6 +826,7 @@ def test_worker_setup_round_trips_and_rejects_junk():
         supervisor_pid=42,
         metrics_path="/run/x/worker-3.sock",
         sockets=(InheritedSocket(7, "web", False), InheritedSocket(9, "from:systemd", True)),
+        config_fd=5,
     )
     assert decode(encode(setup)) == setup
     for junk in ("", "{}", "[1]", '{"slot": "x"}'):
