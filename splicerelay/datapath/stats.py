@@ -7,6 +7,7 @@ families only when it is scraped.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,25 @@ class PipeStats:
 
 
 @dataclass(eq=False)
+class ReloadRecord:
+    """Config reloads: how many by result, and how the last one went and when.
+
+    Before any reload, the last one "succeeded" at the start: the config running then is
+    one that loaded.
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)  # "success" / "failure" -> count
+    last_successful: bool = True
+    last_time: float = field(default_factory=time.time)  # unix time
+
+    def record(self, result: str, now: float | None = None) -> None:
+        """Count a reload that ended with `result` ("success" or "failure")."""
+        self.counts[result] += 1
+        self.last_successful = result == "success"
+        self.last_time = time.time() if now is None else now
+
+
+@dataclass(eq=False)
 class RelayStats:
     """Everything the relay counts; one instance per process."""
 
@@ -150,8 +170,7 @@ class RelayStats:
     pipes: PipeStats = field(default_factory=PipeStats)
     # Seconds accepting waited for the global max_connections.
     global_limited_seconds: float = 0.0
-    # "success" / "failure" -> count
-    config_reloads: Counter[str] = field(default_factory=Counter)
+    reloads: ReloadRecord = field(default_factory=ReloadRecord)
 
     def route(self, name: str) -> RouteStats:
         """The counters of route `name`, created on first use and kept across reloads."""
@@ -159,3 +178,8 @@ class RelayStats:
         if stats is None:
             stats = self.routes[name] = RouteStats(name)
         return stats
+
+    @property
+    def config_reloads(self) -> Counter[str]:
+        """Reloads by result: "success" / "failure" -> count (see `reloads`)."""
+        return self.reloads.counts

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from splicerelay.config import Config
 from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
 from splicerelay.datapath.stats import Histogram, RelayStats, RouteStats
 from splicerelay.protocol.outcome import Outcome
@@ -35,11 +36,18 @@ PATHS = ("splice", "copy")
 
 
 class RelayCollector(Collector):
-    """Builds the splicerelay_* families from a RelayStats snapshot."""
+    """Builds the splicerelay_* families from a RelayStats snapshot.
 
-    def __init__(self, stats: RelayStats, version: str) -> None:
+    `config` returns the config running now (it changes on reload): the limit gauges
+    come from it.
+    """
+
+    def __init__(
+        self, stats: RelayStats, version: str, config: Callable[[], Config] | None = None
+    ) -> None:
         self._stats = stats
         self._version = version
+        self._config = config
 
     def collect(self) -> Iterable[Metric]:
         routes = list(self._stats.routes.values())
@@ -101,6 +109,11 @@ class RelayCollector(Collector):
         for result in ("success", "failure"):
             reloads.add_metric([result], counts.get(result, 0))
         yield reloads
+        yield from reload_state_families(
+            self._stats.reloads.last_successful, self._stats.reloads.last_time
+        )
+        if self._config is not None:
+            yield from limit_families(self._config())
         yield CounterMetricFamily(
             "splicerelay_global_limit_wait_seconds",
             "Time accepting was paused at the global max_connections.",
@@ -155,6 +168,74 @@ class RelayCollector(Collector):
         yield connect_time
 
 
+def reload_state_families(successful: bool, timestamp: float) -> Iterator[Metric]:
+    """How the last config reload went, and when: an alert on a failed reload can clear
+    as soon as a good one follows, which a count of failures over a window cannot."""
+    yield GaugeMetricFamily(
+        "splicerelay_config_last_reload_successful",
+        "1 if the last config reload succeeded (or none was tried since the start), "
+        "0 if it was refused and the previous config still runs.",
+        value=1 if successful else 0,
+    )
+    yield GaugeMetricFamily(
+        "splicerelay_config_last_reload_timestamp_seconds",
+        "Unix time of the last config reload, or of the start when there was none.",
+        value=timestamp,
+    )
+
+
+def limit_families(config: Config) -> Iterator[Metric]:
+    """The connection limits of the running config, to divide connections_active by."""
+    per_route = GaugeMetricFamily(
+        "splicerelay_max_connections",
+        "The route's max_connections: at that many open connections it stops accepting. "
+        "With workers, each worker has this limit and the supervisor serves their sum.",
+        labels=["route"],
+    )
+    for route in config.routes:
+        per_route.add_metric([route.name], route.max_connections)
+    yield per_route
+    if config.max_connections is not None:  # no global limit: no series
+        yield GaugeMetricFamily(
+            "splicerelay_max_connections_global",
+            "The global max_connections across all routes; absent when none is set. "
+            "With workers, each worker has this limit and the supervisor serves their sum.",
+            value=config.max_connections,
+        )
+
+
+class ProcessMetrics(Collector):
+    """process_* of this process from /proc: open and max fds, RSS, CPU, start time.
+
+    Why: each relayed connection holds two fds, so RLIMIT_NOFILE is the limit a busy
+    relay meets first; process_open_fds / process_max_fds is what an alert watches.
+    The cost is per scrape: a listing of /proc/self/fd, one entry per open fd.
+
+    `worker` (a worker's slot, as text) labels every sample: under a supervisor, which
+    serves the families of all its processes together, each process stays its own
+    series (see workers/scrape.py).
+    """
+
+    def __init__(self, worker: str | None = None) -> None:
+        self._collector = ProcessCollector(registry=None)
+        self._worker = worker
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._collector.collect()
+        if self._worker is None:
+            return families
+        return [with_label(family, "worker", self._worker) for family in families]
+
+
+def with_label(family: Metric, name: str, value: str) -> Metric:
+    """A copy of `family` whose every sample has label `name`=`value` as well."""
+    labelled = Metric(family.name, family.documentation, family.type, family.unit)
+    labelled.samples = [
+        sample._replace(labels={**sample.labels, name: value}) for sample in family.samples
+    ]
+    return labelled
+
+
 def add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
     buckets = [(format_bound(bound), count) for bound, count in histogram.cumulative()]
     family.add_metric(labels, buckets, histogram.sum)
@@ -164,9 +245,16 @@ def format_bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def make_registry(stats: RelayStats, version: str) -> CollectorRegistry:
+def make_registry(
+    stats: RelayStats,
+    version: str,
+    config: Callable[[], Config] | None = None,
+    worker: str | None = None,
+) -> CollectorRegistry:
+    """The relay's families, and process_* of this process (labelled with `worker`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(stats, version))
+    registry.register(RelayCollector(stats, version, config))
+    registry.register(ProcessMetrics(worker))
     return registry
 
 

@@ -110,7 +110,7 @@ class Reloader:
             return
         async with self._lock:
             self.notifier.reloading()
-            reloads = self.relay.stats.config_reloads
+            reloads = self.relay.stats.reloads
             result = "failure"
             try:
                 config = await trio.to_thread.run_sync(load_config, self.path)
@@ -118,10 +118,10 @@ class Reloader:
                     warn_restart_only_changes(self.relay.config, config, ("metrics",))
                 await self.relay.reload(config)
             except (ConfigError, StartupError) as error:
-                reloads["failure"] += 1
+                reloads.record("failure")
                 log_reload_refused(reason, error)
             else:
-                reloads["success"] += 1
+                reloads.record("success")
                 result = "success"
                 configure_service_logs(self.options, config, self.worker)
             finally:
@@ -238,9 +238,13 @@ def run_relay(
     metrics_server = None
     if address is not None:
         try:
-            metrics_server = MetricsServer(
-                address, make_registry(stats, __version__), is_ready=relay.is_ready
+            registry = make_registry(
+                stats,
+                __version__,
+                config=lambda: relay.config,  # the limits follow reloads
+                worker=None if worker is None else str(worker.slot),
             )
+            metrics_server = MetricsServer(address, registry, is_ready=relay.is_ready)
         except OSError as error:
             listeners.close_all(lambda sock: sock.close())
             log.error(f"cannot serve metrics on {address}: {error.strerror or error}")

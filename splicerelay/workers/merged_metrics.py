@@ -5,7 +5,10 @@ must see one relay. The supervisor parses each worker's exposition text, and a s
 with the same name and labels in several workers becomes one sample holding their sum:
 counters, gauges such as connections_active, histogram buckets, sums and counts all add
 up. A few gauges state a fact rather than an amount (the running version, whether an
-upstream is up); for those the largest value wins.
+upstream is up); for those the largest value wins. The limit gauges
+(splicerelay_max_connections and _global) add up too, on purpose: every worker enforces
+the limits on its own, so their sum is what the relay as a whole admits, and
+connections_active (summed) divided by it is how full the relay is.
 
 A worker that exits takes its counters with it. So that totals never go backwards, the
 supervisor keeps what the dead worker last reported in a *retired* tally (its counters
@@ -44,8 +47,13 @@ Exposition = dict[str, Family]  # by family name, in the order the families came
 
 def parse_exposition(text: str) -> Exposition:
     """Prometheus text format → families. Raises ValueError on text that does not parse."""
+    return from_metrics(text_string_to_metric_families(text))
+
+
+def from_metrics(metrics: Iterable[Metric]) -> Exposition:
+    """prometheus_client Metric objects (a parser's or a collector's) → families."""
     exposition: Exposition = {}
-    for metric in text_string_to_metric_families(text):
+    for metric in metrics:
         family = exposition.setdefault(
             metric.name, Family(metric.name, metric.type, metric.documentation)
         )

@@ -30,8 +30,15 @@ from splicerelay.workers.merged_metrics import (
 FETCH_TIMEOUT = 3.0  # seconds for one worker to answer; a stuck one must not stall scrapes
 # Families that the supervisor counts for the whole relay: the workers' own are dropped.
 # (Each worker counts every reload it applies, so their sum would count each reload once
-# per worker.)
-SUPERVISOR_FAMILIES = frozenset({"splicerelay_config_reloads"})
+# per worker; and whether the relay's last reload succeeded is the supervisor's verdict
+# over all workers, which no sum or max of theirs gives.)
+SUPERVISOR_FAMILIES = frozenset(
+    {
+        "splicerelay_config_reloads",
+        "splicerelay_config_last_reload_successful",
+        "splicerelay_config_last_reload_timestamp_seconds",
+    }
+)
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -122,8 +129,16 @@ class WorkerScraper:
                 if view.id in self._last and view.id not in self._folded
             ]
             merged = without(merge([*live, self._retired]), SUPERVISOR_FAMILIES)
-            merged.update(self._own_families())
-            return merged
+            # process_* (fds, RSS, CPU) stay one series per process, each with a
+            # `worker` label (the slot, or "supervisor"), rather than a sum: the fd limit
+            # is per process, so only process_open_fds / process_max_fds of the same
+            # process says how near that process is to EMFILE. A sum of fds over one
+            # process's limit would cry wolf N times too early, and a sum over the sum
+            # of limits would hide one worker at its limit. Labels keep the merge from
+            # adding them up, and the same expression alerts with or without workers.
+            # (A slot's CPU counter goes on from its dead predecessor's, like any
+            # counter of a worker that died: see merged_metrics.py.)
+            return merge([merged, self._own_families()])
 
     def all_ready(self) -> bool:
         """Every expected worker runs, and each says ready on its /readyz."""

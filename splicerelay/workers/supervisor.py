@@ -29,13 +29,13 @@ import selectors
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from splicerelay import __version__
 from splicerelay.config import Config, ConfigError, read_config, worker_count
 from splicerelay.config.addresses import Address, UnixAddress
+from splicerelay.datapath.stats import ReloadRecord
 from splicerelay.ops.metrics import MetricsServer
 from splicerelay.ops.service import (
     STATUS_INTERVAL,
@@ -119,7 +119,7 @@ class Supervisor:
         self.listeners = listeners
         self.rendezvous = rendezvous
         self.table = WorkerTable(worker_count(config.workers), worker_watchdog_seconds(os.environ))
-        self.reloads: Counter[str] = Counter()
+        self.reloads = ReloadRecord()
         self.rounds = ReloadRounds(Snapshot(config, config_text))
         self.announced = False  # READY=1 sent to the real service manager
         self.stopping = False
@@ -222,7 +222,7 @@ class Supervisor:
         self.finish_reloads(time.monotonic())
 
     def _refuse(self, reason: str, error: Exception | str) -> None:
-        self.reloads["failure"] += 1
+        self.reloads.record("failure")
         log_reload_refused(reason, error)
         self.notifier.ready(self.status())
 
@@ -235,7 +235,7 @@ class Supervisor:
                     "workers did not report a reload in time",
                     extra={"fields": {"workers": list(outcome.timed_out)}},
                 )
-            self.reloads[outcome.result] += 1
+            self.reloads.record(outcome.result)
             if outcome.restore is not None:
                 # Every worker refused it (a name that does not resolve, say) and runs the
                 # config from before: so must a worker restarted or reloaded from here

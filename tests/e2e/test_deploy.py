@@ -58,7 +58,20 @@ EXPORTED_METRICS = frozenset(
         "splicerelay_limit_wait_seconds_total",
         "splicerelay_global_limit_wait_seconds_total",
         "splicerelay_config_reloads_total",
+        "splicerelay_config_last_reload_successful",
+        "splicerelay_config_last_reload_timestamp_seconds",
+        "splicerelay_max_connections",
+        "splicerelay_max_connections_global",
         "splicerelay_build_info",
+        # With workers above 1, the supervisor's own.
+        "splicerelay_workers",
+        "splicerelay_worker_restarts_total",
+        # prometheus_client's process collector (each worker's and the supervisor's with
+        # a `worker` label); the dashboard and alerts use these.
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     }
 )
 ALLOWED_METRICS = EXPORTED_METRICS | {"up"}
@@ -371,6 +384,10 @@ def test_alert_rules_are_complete_and_use_only_exported_metrics() -> None:
         "SplicerelayConnectErrorsRising",
         "SplicerelayReloadFailed",
         "SplicerelayCopyPathInUse",
+        "SplicerelayConnectionsNearLimit",
+        "SplicerelayConnectionsNearGlobalLimit",
+        "SplicerelayFdsNearLimit",
+        "SplicerelayWorkerRestarted",
     } <= set(rules)
     assert rules["SplicerelayDown"]["expr"] == 'up{job="splicerelay"} == 0'
     for name, rule in rules.items():
@@ -378,6 +395,23 @@ def test_alert_rules_are_complete_and_use_only_exported_metrics() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         used = metric_names(rule["expr"])
         assert used and used <= ALLOWED_METRICS, (name, used - ALLOWED_METRICS)
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    """alerts_test.yml exercises every rule of alerts.yml, firing and quiet."""
+    tested: dict[str, set[bool]] = {}
+    for case in load_yaml(ALERT_TESTS)["tests"]:
+        for check in case.get("alert_rule_test", []):
+            tested.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
+    for rule in alert_rules():
+        assert tested.get(rule["alert"]) == {True, False}, rule["alert"]
+
+
+def test_reload_alert_follows_the_last_reload_not_a_window_of_failures() -> None:
+    """A failure count over a window kept alerting for its length after a good reload."""
+    (rule,) = (rule for rule in alert_rules() if rule["alert"] == "SplicerelayReloadFailed")
+    assert metric_names(rule["expr"]) == {"splicerelay_config_last_reload_successful"}
+    assert "for" not in rule
 
 
 # --- Grafana ---------------------------------------------------------------------------
