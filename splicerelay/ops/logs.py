@@ -1,16 +1,23 @@
 """Log output: JSON lines (the default, for journald and collectors) or plain text.
 
 Diagnostics go to stderr. The access log, one line per finished connection, goes to
-stdout so that it can be routed separately.
+stdout so that it can be routed separately. A text line is `TIME LEVEL MESSAGE` and then
+the fields as logfmt (ops/logfmt.py). A stream connected to journald gets each line's
+syslog priority as a `<N>` prefix (ops/journal.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import IO, Any
+
+from splicerelay.ops.journal import JournalPriority, is_journal_stream
+from splicerelay.ops.logfmt import format_fields
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -41,20 +48,33 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        extra = "".join(f" {key}={value}" for key, value in fields.items())
+        extra = f" {format_fields(fields)}" if fields else ""
         line = f"{_timestamp(record)} {record.levelname.lower()} {record.getMessage()}{extra}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def configure(level: str, format: str, access_log: bool) -> None:
+def stream_handler(
+    stream: IO[str], formatter: logging.Formatter, environ: Mapping[str, str]
+) -> logging.StreamHandler[IO[str]]:
+    """A handler writing to `stream`, with priority prefixes if it is the journal's."""
+    handler = logging.StreamHandler(stream)
+    journal = is_journal_stream(stream, environ)
+    handler.setFormatter(JournalPriority(formatter) if journal else formatter)
+    return handler
+
+
+def configure(
+    level: str, format: str, access_log: bool, environ: Mapping[str, str] | None = None
+) -> None:
+    """Diagnostics to stderr and, if on, the access log to stdout; `environ` (default
+    os.environ) says whether either stream is journald's."""
+    environ = os.environ if environ is None else environ
     formatter: logging.Formatter = JsonFormatter() if format == "json" else TextFormatter()
     root = logging.getLogger("splicerelay")
     root.handlers.clear()
-    diagnostics = logging.StreamHandler(sys.stderr)
-    diagnostics.setFormatter(formatter)
-    root.addHandler(diagnostics)
+    root.addHandler(stream_handler(sys.stderr, formatter, environ))
     root.setLevel(LEVELS[level])
     root.propagate = False
 
@@ -62,9 +82,7 @@ def configure(level: str, format: str, access_log: bool) -> None:
     access.handlers.clear()
     access.propagate = False
     if access_log:
-        lines = logging.StreamHandler(sys.stdout)
-        lines.setFormatter(formatter)
-        access.addHandler(lines)
+        access.addHandler(stream_handler(sys.stdout, formatter, environ))
         access.setLevel(logging.INFO)
     else:
         access.setLevel(logging.CRITICAL + 1)

@@ -172,6 +172,7 @@ class ConnectionSetup:
             table.connecting.discard(connector)
             session.on_stop = None  # the closure below refers to the session: no cycle
             if sock is None or upstream is None:
+                session.upstream_label = connector.tried_label  # for the access log
                 failed = Outcome.INTERNAL_ERROR if connector.broke else Outcome.CONNECT_FAILED
                 table.finish(session, failed)
                 return
@@ -201,6 +202,7 @@ class ConnectionSetup:
 
         def stop(outcome: Outcome) -> None:
             connector.abort()
+            session.upstream_label = connector.tried_label  # for the access log
             table.connecting.discard(connector)
             session.on_stop = None
             table.finish(session, outcome)

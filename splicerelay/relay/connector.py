@@ -6,6 +6,11 @@ shared epoll rather than in a trio task saves a task, a cancel scope and trio's 
 epoll registration for every new connection, which is most of what a short-lived
 connection costs. Failover follows the strategy's order, as before; the connect timeout
 is checked by the relay's timer (`expire_connects` in relay/timers.py), not per attempt.
+
+Every failed attempt is counted in the metrics; it is logged as a warning naming the
+route, the upstream and the reason, at most once per upstream every
+CONNECT_WARNING_INTERVAL seconds (the next line says how many were held back meanwhile;
+at debug level every one is logged).
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ import trio
 from splicerelay.datapath.flow import close_socket
 from splicerelay.datapath.reactor import Reactor
 from splicerelay.datapath.session import ConnectError, connect_error_reason, start_connect
+from splicerelay.ops.ratelimit import RateLimit
 from splicerelay.relay.upstreams import UpstreamRuntime
 
 log = logging.getLogger("splicerelay")
 
 CONNECT_INTEREST = select.EPOLLOUT
+
+CONNECT_WARNING_INTERVAL = 10.0  # seconds
+# Per process, keyed by (route, upstream): a worker's lines carry its slot.
+connect_warnings: RateLimit[tuple[str, str]] = RateLimit(CONNECT_WARNING_INTERVAL)
 
 
 Connected = Callable[[_socket.socket | None, UpstreamRuntime | None], None]
@@ -60,6 +70,7 @@ class Connector:
         "route_name",
         "sock",
         "started",
+        "tried",
     )
 
     def __init__(
@@ -84,6 +95,8 @@ class Connector:
         self.route_name = route_name
         self.sock: _socket.socket | None = None  # the attempt in progress
         self.current: UpstreamRuntime | None = None
+        # The last upstream an attempt was made to, whatever became of it.
+        self.tried: UpstreamRuntime | None = None
         # What the attempt's socket is registered for in the reactor (0: not at all).
         self.interest = 0
         self.started = 0.0
@@ -100,6 +113,7 @@ class Connector:
         while self._position < len(self._order):
             upstream = upstreams[self._order[self._position]]
             self._position += 1
+            self.tried = upstream
             try:
                 sock, in_progress = start_connect(upstream.target)
             except ConnectError as error:
@@ -134,16 +148,19 @@ class Connector:
             # Passive health: `fall` failed connects in a row mark it down until the
             # active checks see it rise again.
             upstream.mark(False)
-        log.debug(
-            "upstream connect failed",
-            extra={
-                "fields": {
-                    "route": self.route_name,
-                    "upstream": upstream.target.label,
-                    "reason": reason,
-                }
-            },
-        )
+        label = upstream.target.label
+        fields: dict[str, object] = {"route": self.route_name, "upstream": label, "reason": reason}
+        held_back = connect_warnings.admit((self.route_name, label))
+        if held_back is None:
+            log.debug("upstream connect failed", extra={"fields": fields})
+            return
+        fields["suppressed"] = held_back
+        log.warning("upstream connect failed", extra={"fields": fields})
+
+    @property
+    def tried_label(self) -> str:
+        """The address of the last upstream tried; "" before any attempt."""
+        return "" if self.tried is None else self.tried.target.label
 
     def _drop_attempt(self) -> None:
         sock = self.sock

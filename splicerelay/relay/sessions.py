@@ -101,7 +101,11 @@ class SessionTable:
 
 
 def session_record(runtime: RouteRuntime, session: Session, outcome: Outcome) -> dict[str, object]:
-    """The access-log fields of one finished connection."""
+    """The access-log fields of one finished connection.
+
+    `upstream` is the upstream the connection was relayed to or, when no connect
+    succeeded, the last one tried (None when none was: denied, no upstream, a limit).
+    """
     return {
         "route": runtime.route.name,
         "client": session.client_address,
