@@ -97,8 +97,12 @@ class NotifyReceiver:
     def __init__(self, path: str) -> None:
         self.path = path
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._socket.bind(path)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._socket.bind(path)
+        except OSError:
+            self._socket.close()
+            raise
         self._socket.setblocking(False)
 
     def fileno(self) -> int:

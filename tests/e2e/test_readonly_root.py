@@ -222,6 +222,8 @@ async def test_workers_start_serve_reload_and_stop_on_a_read_only_root(
         assert '"message": "stopped"' in log
         poll_until(lambda: not any(is_running(pid) for pid in seen), 15, "workers to exit")
     finally:
-        for pid in seen:  # only the workers this test saw
+        # On a failure: the relay, then the workers this test saw (only those).
+        relay_factory.kill_all()
+        for pid in seen:
             if is_running(pid):
                 os.kill(pid, signal.SIGKILL)
