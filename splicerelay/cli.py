@@ -13,7 +13,6 @@ from splicerelay.config import (
     Config,
     ConfigError,
     config_from_args,
-    load_config,
     read_config,
     render_config,
     worker_count,
@@ -23,6 +22,7 @@ from splicerelay.ops import logs
 from splicerelay.ops.service import RunOptions
 from splicerelay.ops.systemd import passed_sockets
 from splicerelay.relay.listeners import ListenerSet, Role
+from splicerelay.relay.name_check import check_names
 from splicerelay.relay.service import AsWorker, configure_service_logs, run_relay
 from splicerelay.workers.contract import (
     CUT_SIGNAL,
@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "-c", "--config", metavar="FILE", required=True, help="YAML configuration file"
     )
+    check.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also resolve upstream host names (like nginx -t) and say what they resolve to",
+    )
 
     bench = commands.add_parser("bench", help="benchmark against a direct connection and HAProxy")
     from splicerelay import bench as bench_module
@@ -102,10 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command_check(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, text = read_config(args.config)
+        # Only on request: plain check stays offline, --resolve asks the resolver.
+        notes = check_names(config, text) if args.resolve else []
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1
+    for note in notes:
+        print(note, file=sys.stderr)
     sys.stdout.write(render_config(config))
     return 0
 

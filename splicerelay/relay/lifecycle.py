@@ -21,6 +21,7 @@ from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.admission import Admission, count_open_fds
 from splicerelay.relay.connection_setup import ConnectionSetup
 from splicerelay.relay.listeners import ListenerSet
+from splicerelay.relay.members import maintain_members
 from splicerelay.relay.routes import (
     RouteRuntime,
     StartupError,
@@ -29,7 +30,6 @@ from splicerelay.relay.routes import (
 )
 from splicerelay.relay.sessions import AccessLogger, SessionTable
 from splicerelay.relay.timers import expire_connects, sweep_idle
-from splicerelay.relay.upstreams import refresh_addresses, run_health_checks
 
 log = logging.getLogger("splicerelay")
 
@@ -126,14 +126,10 @@ class Relay:
         self._route_nursery.start_soon(self._run_route, runtime)
 
     async def _run_route(self, runtime: RouteRuntime) -> None:
-        route = runtime.route
         with runtime.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.admission.accept_loop, runtime)
-                nursery.start_soon(refresh_addresses, runtime.upstreams, route.resolve_interval)
-                if route.health_check is not None:
-                    for upstream in runtime.upstreams:
-                        nursery.start_soon(run_health_checks, upstream, route.health_check)
+                nursery.start_soon(maintain_members, runtime)
 
     async def reload(self, config: Config) -> None:
         """Apply `config` to new connections; raise StartupError and change nothing if

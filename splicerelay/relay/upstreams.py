@@ -1,10 +1,12 @@
-"""Upstreams while they run: resolved addresses, health, and the background work on them.
+"""Upstreams while they run: resolved members, health, and the background work on them.
 
-Host names are resolved before serving and then refreshed in a worker thread every
-`resolve_interval`, so the event loop never waits on DNS; a failed lookup keeps the last
-good addresses. Active health checks connect (and optionally send and expect bytes) on
-their own schedule; their results, and failed connects of real clients, drive the
-pure HealthState from balancer.py.
+A configured upstream is one or more members: an IP literal or a unix path is one, and
+a host name is one per address it resolves to (`resolve: all`) or its first address
+only (`resolve: first`); protocol/membership.py says how they share the weight. Names
+are resolved before serving; refreshing them every `resolve_interval`, off the event
+loop, is relay/members.py's work. Active health checks connect (and optionally send and
+expect bytes) on their own schedule, one per member; their results, and failed connects
+of real clients, drive the pure HealthState from balancer.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -22,39 +25,93 @@ from splicerelay.datapath.flow import close_socket
 from splicerelay.datapath.session import ConnectError, UpstreamTarget, connect
 from splicerelay.datapath.stats import UpstreamStats
 from splicerelay.protocol.balancer import HealthState
+from splicerelay.protocol.membership import chosen_addresses
 
 log = logging.getLogger("splicerelay")
+
+# socket.getaddrinfo, or a stand-in with its signature (tests: names without DNS).
+GetAddrInfo = Callable[..., Sequence[tuple[Any, ...]]]
 
 
 class ResolveError(Exception):
     """A host name did not resolve."""
 
 
-def resolve(address: TcpAddress, passive: bool = False) -> UpstreamTarget:
-    """Blocking getaddrinfo for one address: call it before serving or in a thread."""
-    flags = socket.AI_PASSIVE if passive else 0
+def _lookup(
+    address: TcpAddress, getaddrinfo: GetAddrInfo, flags: int = 0
+) -> Sequence[tuple[Any, ...]]:
     try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=flags)
+        infos = getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=flags)
     except (socket.gaierror, UnicodeError) as error:
         raise ResolveError(f"cannot resolve {address}: {error}") from None
-    family, _type, _proto, _name, sockaddr = infos[0]
-    return UpstreamTarget(str(address), family, sockaddr)  # type: ignore[arg-type]
+    if not infos:
+        raise ResolveError(f"cannot resolve {address}: no addresses")
+    return infos
 
 
-def resolve_upstream(address: Address) -> UpstreamTarget:
+def resolve(address: TcpAddress, passive: bool = False) -> UpstreamTarget:
+    """Blocking getaddrinfo for one address, its first answer: call it before serving or
+    in a thread. (Listeners bind this way; upstreams use `resolve_all`.)"""
+    family, _type, _proto, _name, sockaddr = _lookup(
+        address, socket.getaddrinfo, socket.AI_PASSIVE if passive else 0
+    )[0]
+    return UpstreamTarget(str(address), family, sockaddr)
+
+
+def member_label(address: TcpAddress, sockaddr: tuple[Any, ...]) -> str:
+    """How a member is named in metrics, logs and the access log.
+
+    An IP literal is its own name ("10.0.0.2:8000"). A member of a host name carries the
+    name and the address it stands for ("backend.internal:8000@10.0.0.2"): the name says
+    which configured upstream it belongs to, the address which host took the connection,
+    and the label's values stay as few as the name has addresses.
+    """
+    if is_ip_literal(address.host):
+        return str(address)
+    return f"{address}@{sockaddr[0]}"
+
+
+def resolve_all(
+    address: TcpAddress, getaddrinfo: GetAddrInfo = socket.getaddrinfo
+) -> list[UpstreamTarget]:
+    """Blocking: every distinct address `address` resolves to, in the resolver's order,
+    each labelled as a member (see `member_label`). Raises ResolveError."""
+    targets = [
+        UpstreamTarget(member_label(address, sockaddr), family, sockaddr)
+        for family, _type, _proto, _name, sockaddr in _lookup(address, getaddrinfo)
+    ]
+    return chosen_addresses(targets, "all")
+
+
+def upstream_targets(
+    upstream: Upstream, getaddrinfo: GetAddrInfo = socket.getaddrinfo
+) -> list[UpstreamTarget]:
+    """Blocking: the members' targets of one configured upstream, as its `resolve` mode
+    chooses them. Raises ResolveError."""
+    address = upstream.address
     if isinstance(address, UnixAddress):
-        return UpstreamTarget(str(address), socket.AF_UNIX, address.path)
-    return resolve(address)
+        return [UpstreamTarget(str(address), socket.AF_UNIX, address.path)]
+    return chosen_addresses(resolve_all(address, getaddrinfo), upstream.resolve)
+
+
+def needs_resolving(address: Address) -> bool:
+    """A host name, whose addresses may change; IP literals and unix paths never do."""
+    return isinstance(address, TcpAddress) and not is_ip_literal(address.host)
 
 
 @dataclass(eq=False)
 class UpstreamRuntime:
-    """One upstream of one route: where it is now, whether it is up, what it carries."""
+    """One member of one route: where it is, whether it is up, what it carries.
+
+    `config` is the configured upstream it comes from, `slot` that upstream's index in
+    the route's list (a name with several addresses gives several members of one slot).
+    """
 
     config: Upstream
     target: UpstreamTarget
     health: HealthState
     stats: UpstreamStats
+    slot: int = 0
 
     @property
     def label(self) -> str:
@@ -62,8 +119,7 @@ class UpstreamRuntime:
 
     @property
     def needs_resolving(self) -> bool:
-        address = self.config.address
-        return isinstance(address, TcpAddress) and not is_ip_literal(address.host)
+        return needs_resolving(self.config.address)
 
     def mark(self, success: bool) -> None:
         """Feed one check or connect result into the health state; log changes."""
@@ -76,48 +132,33 @@ class UpstreamRuntime:
                 log.warning("upstream down", extra={"fields": {"upstream": self.label}})
 
 
+def new_member(
+    upstream: Upstream,
+    slot: int,
+    target: UpstreamTarget,
+    check: HealthCheck | None,
+    stats_for: Callable[[str], UpstreamStats],
+) -> UpstreamRuntime:
+    """A member with fresh health (up, as at load) and the counters of its label."""
+    health = HealthState(rise=check.rise, fall=check.fall) if check else HealthState(rise=1, fall=1)
+    stats = stats_for(target.label)
+    stats.up = health.up
+    return UpstreamRuntime(upstream, target, health, stats, slot)
+
+
 def make_upstreams(
     configs: Sequence[Upstream],
     check: HealthCheck | None,
     stats_for: Callable[[str], UpstreamStats],
+    getaddrinfo: GetAddrInfo = socket.getaddrinfo,
 ) -> list[UpstreamRuntime]:
-    """Resolve every upstream (blocking) and give each its health state and counters."""
-    runtimes = []
-    for upstream in configs:
-        target = resolve_upstream(upstream.address)
-        health = (
-            HealthState(rise=check.rise, fall=check.fall) if check else HealthState(rise=1, fall=1)
-        )
-        stats = stats_for(target.label)
-        stats.up = health.up
-        runtimes.append(UpstreamRuntime(upstream, target, health, stats))
-    return runtimes
-
-
-async def refresh_addresses(upstreams: Sequence[UpstreamRuntime], interval: float) -> None:
-    """Re-resolve host names every `interval`, off the event loop; keep the last good."""
-    named = [upstream for upstream in upstreams if upstream.needs_resolving]
-    if not named:
-        return
-    while True:
-        await trio.sleep(interval)
-        for upstream in named:
-            address = upstream.config.address
-            assert isinstance(address, TcpAddress)
-            try:
-                target = await trio.to_thread.run_sync(resolve, address, abandon_on_cancel=True)
-            except ResolveError as error:
-                log.warning(
-                    "re-resolving failed; keeping the last good address",
-                    extra={"fields": {"upstream": upstream.label, "error": str(error)}},
-                )
-                continue
-            if target.sockaddr != upstream.target.sockaddr:
-                log.info(
-                    "upstream address changed",
-                    extra={"fields": {"upstream": upstream.label, "address": str(target.sockaddr)}},
-                )
-                upstream.target = target
+    """Resolve every upstream (blocking) into its members, in config order, each with its
+    own health state and counters. Raises ResolveError."""
+    return [
+        new_member(upstream, slot, target, check, stats_for)
+        for slot, upstream in enumerate(configs)
+        for target in upstream_targets(upstream, getaddrinfo)
+    ]
 
 
 async def probe(target: UpstreamTarget, check: HealthCheck) -> bool:

@@ -1,69 +1,16 @@
-"""Upstream background work: address refresh and active health probes."""
+"""Active health probes of one upstream (refreshing names: test_members.py)."""
 
 from __future__ import annotations
 
 import socket
 
-import pytest
 import trio
 
-from splicerelay.config import HealthCheck, Upstream
-from splicerelay.config.addresses import TcpAddress
+from splicerelay.config import HealthCheck
 from splicerelay.datapath.session import UpstreamTarget
-from splicerelay.datapath.stats import UpstreamStats
-from splicerelay.protocol.balancer import HealthState
-from splicerelay.relay import upstreams as upstreams_module
-from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, probe, refresh_addresses
+from splicerelay.relay.upstreams import probe
 from tests.support.harness import refused_port
 from tests.support.peers import start_server
-
-
-def runtime_for(host: str, port: int, sockaddr: tuple[str, int]) -> UpstreamRuntime:
-    address = TcpAddress(host, port)
-    target = UpstreamTarget(str(address), socket.AF_INET, sockaddr)
-    return UpstreamRuntime(
-        Upstream(address), target, HealthState(rise=1, fall=1), UpstreamStats(str(address))
-    )
-
-
-async def test_refresh_replaces_addresses_and_keeps_the_last_good_on_failure(
-    monkeypatch: pytest.MonkeyPatch,
-):
-    answers: list[UpstreamTarget | ResolveError] = [
-        UpstreamTarget("backend.example:80", socket.AF_INET, ("192.0.2.2", 80)),
-        ResolveError("cannot resolve backend.example:80: temporary failure"),
-        UpstreamTarget("backend.example:80", socket.AF_INET, ("192.0.2.3", 80)),
-    ]
-    upstream = runtime_for("backend.example", 80, ("192.0.2.1", 80))
-    fixed = runtime_for("192.0.2.50", 80, ("192.0.2.50", 80))
-    # What the upstream's address was when each lookup started: the result of the one before.
-    before_lookup: list[object] = []
-    finished = trio.Event()
-
-    def fake_resolve(address: TcpAddress, passive: bool = False) -> UpstreamTarget:
-        assert address.host == "backend.example", "IP literals are never re-resolved"
-        before_lookup.append(upstream.target.sockaddr)
-        if len(before_lookup) > len(answers):
-            trio.from_thread.run_sync(finished.set)  # resolve runs in a worker thread
-            raise ResolveError("no more answers")
-        answer = answers[len(before_lookup) - 1]
-        if isinstance(answer, ResolveError):
-            raise answer
-        return answer
-
-    monkeypatch.setattr(upstreams_module, "resolve", fake_resolve)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(refresh_addresses, [upstream, fixed], 0.01)
-        with trio.fail_after(5):
-            await finished.wait()
-        nursery.cancel_scope.cancel()
-    assert before_lookup == [
-        ("192.0.2.1", 80),  # as resolved at load
-        ("192.0.2.2", 80),  # the first refresh
-        ("192.0.2.2", 80),  # the failed lookup kept the last good address
-        ("192.0.2.3", 80),  # and the next answer took over
-    ]
-    assert fixed.target.sockaddr == ("192.0.2.50", 80)
 
 
 async def test_probe_connect_send_and_expect():
