@@ -17,6 +17,9 @@ class Outcome(StrEnum):
     DENIED = "denied"  # the client address is not allowed on this route
     NO_UPSTREAM = "no_upstream"  # every upstream is down
     BAD_PROXY_HEADER = "bad_proxy_header"  # accept_proxy_protocol, and no valid header came
+    # accept_proxy_protocol, and the peer is not in proxy_protocol_trusted: closed
+    # before a byte was read, since whatever header it sends is a claim it may not make.
+    PROXY_UNTRUSTED = "proxy_untrusted"
     MAX_DURATION = "max_duration"  # open for longer than max_duration
     SOURCE_LIMIT = "source_limit"  # the client address already holds its maximum
     # The relay's own bug (an exception it did not expect while setting a connection up

@@ -31,9 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from splicerelay.protocol.crc32c import crc32c
+
 __all__ = [
     "HEADER_TIMEOUT_DEFAULT",
     "MAX_V1_LENGTH",
+    "MAX_V2_LENGTH",
     "V2_HEADER_LENGTH",
     "V2_SIGNATURE",
     "ProxyHeader",
@@ -42,6 +45,7 @@ __all__ = [
     "decode",
     "encode_v1",
     "encode_v2",
+    "v2_length",
 ]
 
 # The specification asks receivers to wait "at least 3 seconds to cover a TCP retransmit".
@@ -55,6 +59,8 @@ MAX_V1_LENGTH: Final = 107
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 # Signature, version/command, family/transport, 16-bit length of what follows.
 V2_HEADER_LENGTH: Final = 16
+# The longest version 2 header the length field can describe.
+MAX_V2_LENGTH: Final = V2_HEADER_LENGTH + 0xFFFF
 _V2_FIXED = struct.Struct("!12sBBH")
 _V2_VERSION: Final = 0x2
 _CMD_LOCAL: Final = 0x0
@@ -213,7 +219,9 @@ def _encode_tlv(kind: int, value: bytes) -> bytes:
 # --- decoding -------------------------------------------------------------------------
 
 
-def decode(data: bytes | bytearray | memoryview) -> tuple[ProxyHeader, int] | None:
+def decode(
+    data: bytes | bytearray | memoryview, *, max_length: int = MAX_V2_LENGTH
+) -> tuple[ProxyHeader, int] | None:
     """Decode the PROXY header at the start of `data`.
 
     Returns None while `data` is a prefix of a valid header (more bytes are needed), or
@@ -222,17 +230,34 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[ProxyHeader, int] | No
     `data` cannot be the start of a valid header. The result for ``data[:k]`` never
     changes from an error or a header back to None as `k` grows, so the caller may call
     again after every read.
+
+    A version 2 header longer than `max_length` bytes is refused as soon as its fixed
+    16 bytes say so, before the rest is there; a version 1 line is at most
+    MAX_V1_LENGTH bytes whatever `max_length` says.
     """
     # Copy out what is needed: no view on the caller's buffer outlives this call, not
     # even in the traceback of an error, so a bytearray stays resizable.
     head = _copy(data, MAX_V1_LENGTH)
     if head.startswith(V2_SIGNATURE):
-        return _decode_v2(data, head)
+        return _decode_v2(data, head, max_length)
     if head.startswith(V1_PREFIX):
         return _decode_v1(head)
     if V2_SIGNATURE.startswith(head) or V1_PREFIX.startswith(head):
         return None
     raise ProxyHeaderError(f"not a PROXY protocol header: starts with {head[:16]!r}")
+
+
+def v2_length(data: bytes | bytearray | memoryview) -> int | None:
+    """The whole length of the version 2 header `data` starts with, once its fixed 16
+    bytes are there; None for anything else (fewer bytes, or not version 2).
+
+    It tells a reader how far it may look without reaching past the header; whether
+    the header is valid is `decode`'s to say.
+    """
+    head = _copy(data, V2_HEADER_LENGTH)
+    if len(head) < V2_HEADER_LENGTH or not head.startswith(V2_SIGNATURE):
+        return None
+    return V2_HEADER_LENGTH + int.from_bytes(head[14:16], "big")
 
 
 def _copy(data: bytes | bytearray | memoryview, limit: int) -> bytes:
@@ -330,7 +355,9 @@ def _parse_v1_port(field: bytes) -> int:
 # --- version 2 ------------------------------------------------------------------------
 
 
-def _decode_v2(data: bytes | bytearray | memoryview, head: bytes) -> tuple[ProxyHeader, int] | None:
+def _decode_v2(
+    data: bytes | bytearray | memoryview, head: bytes, max_length: int
+) -> tuple[ProxyHeader, int] | None:
     # Check each fixed byte as soon as it arrives, so a bad header fails early.
     if len(head) > 12:
         _check_version_command(head[12])
@@ -346,6 +373,10 @@ def _decode_v2(data: bytes | bytearray | memoryview, head: bytes) -> tuple[Proxy
             f"length is {length}"
         )
     total = V2_HEADER_LENGTH + length
+    if total > max_length:
+        raise ProxyHeaderError(
+            f"PROXY v2: header of {total} bytes is longer than the {max_length} allowed"
+        )
     if _size(data) < total:
         return None
     header = head[:total] if total <= len(head) else _copy(data, total)
@@ -407,8 +438,15 @@ def _parse_v2_proxy(family: _Family, header: bytes) -> ProxyHeader:
 
 
 def _parse_tlvs(header: bytes, offset: int) -> tuple[tuple[int, bytes], ...]:
-    """The TLVs from `offset` to the end of `header`, checksum verified if present."""
+    """The TLVs from `offset` to the end of `header`, checksum verified if present.
+
+    Why at most one CRC32C TLV: each one is a checksum over the whole header, so a
+    header packed with them would cost one pass over its bytes per TLV (hundreds of
+    passes over a 4 KiB header). Two cannot both hold the checksum the specification
+    defines anyway, since each is computed with only itself zeroed.
+    """
     tlvs = []
+    checked = False
     while offset < len(header):
         if len(header) - offset < _TLV_HEAD.size:
             raise ProxyHeaderError("PROXY v2: truncated TLV at the end of the header")
@@ -420,7 +458,10 @@ def _parse_tlvs(header: bytes, offset: int) -> tuple[tuple[int, bytes], ...]:
                 f"PROXY v2: TLV {kind:#04x} of {length} bytes overruns the header"
             )
         if kind == TLVType.CRC32C:
+            if checked:
+                raise ProxyHeaderError("PROXY v2: more than one CRC32C TLV")
             _verify_crc32c(header, start, offset)
+            checked = True
         tlvs.append((kind, header[start:offset]))
     return tuple(tlvs)
 
@@ -430,30 +471,8 @@ def _verify_crc32c(header: bytes, start: int, end: int) -> None:
     if end - start != 4:
         raise ProxyHeaderError(f"PROXY v2: CRC32C TLV has {end - start} bytes, not 4")
     (expected,) = struct.unpack_from("!I", header, start)
-    actual = _crc32c(header[:start] + bytes(4) + header[end:])
+    actual = crc32c(header[:start] + bytes(4) + header[end:])
     if actual != expected:
         raise ProxyHeaderError(
             f"PROXY v2: CRC32C mismatch (header says {expected:#010x}, computed {actual:#010x})"
         )
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    """Lookup table for CRC32c (Castagnoli, reflected polynomial 0x82F63B78)."""
-    table = []
-    for index in range(256):
-        crc = index
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE: Final = _crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-    """CRC32c as RFC 4960 appendix B defines it (used by iSCSI and SCTP too)."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF

@@ -1,9 +1,17 @@
 """Connection setup: from an accepted client to a session the reactor relays.
 
-In order: read a PROXY header if the route expects one (the only step that takes a
-task), check the client against the route's allow/deny rules and per-source limit, pick
+In order: on a route that accepts PROXY headers, refuse a peer outside
+`proxy_protocol_trusted` and check the peer against allow/deny (unless
+`allow_applies_to: proxy`), both before reading a byte, then read the header (the only
+step that takes a task); check the client against the route's allow/deny rules (the
+address the header names, unless `allow_applies_to: peer`) and per-source limit, pick
 the upstreams to try, connect through a `Connector` on the shared reactor, send a PROXY
 header upstream if asked, and hand both sockets to the session.
+
+Why the peer is checked before the header: the header is the peer's own claim, so the
+only thing known for sure is who sent it (as with HAProxy's `expect-proxy layer4 if
+{ src -f trusted }` and nginx's `set_real_ip_from`). A peer that may not send one is
+closed at once, with nothing read, and counted as `proxy_untrusted`.
 
 A peer's doing ends a connection with the outcome that names it; an exception that
 escapes a step is the relay's own bug, logged with its traceback and counted as
@@ -32,7 +40,8 @@ from splicerelay.relay.routes import (
     RouteRuntime,
     endpoint_of,
     format_endpoint,
-    is_allowed,
+    is_trusted,
+    passes_rules,
 )
 from splicerelay.relay.sessions import SessionTable
 from splicerelay.relay.upstreams import UpstreamRuntime
@@ -74,13 +83,20 @@ class ConnectionSetup:
         except OSError:
             self.table.finish(session, Outcome.CLIENT_RESET)  # gone before we could look
             return
-        if runtime.route.accept_proxy_protocol:
+        route = runtime.route
+        if route.accept_proxy_protocol:
+            if not is_trusted(route, endpoint):
+                self.table.finish(session, Outcome.PROXY_UNTRUSTED)
+                return
+            if route.allow_applies_to != "proxy" and not passes_rules(route, endpoint):
+                self.table.finish(session, Outcome.DENIED)
+                return
             assert self.nursery is not None
             session.tracked = True  # trio waits on the client socket for the header
             session.cancel_scope = trio.CancelScope()
             self.nursery.start_soon(self._read_proxy_header, runtime, session, endpoint)
             return
-        self._set_up(runtime, session, endpoint, None)
+        self._set_up(runtime, session, endpoint, None, check_rules=True)
 
     async def _read_proxy_header(
         self, runtime: RouteRuntime, session: Session, source: Endpoint | None
@@ -94,7 +110,9 @@ class ConnectionSetup:
                 # Why a checkpoint first: a header already buffered is read without one,
                 # and a stop() that came before this task ran must still end it.
                 await trio.lowlevel.checkpoint()
-                header = await receive_proxy_header(session.client, route.proxy_protocol_timeout)
+                header = await receive_proxy_header(
+                    session.client, route.proxy_protocol_timeout, route.proxy_protocol_max_header
+                )
             if header is None:
                 outcome = session.closing_outcome or Outcome.SHUTDOWN
         except ProxyHeaderRejected as error:
@@ -122,7 +140,10 @@ class ConnectionSetup:
             # From here on, the client is the one the trusted proxy in front named.
             source, destination = header.source, header.destination
             session.client_address = format_endpoint(source)
-        self._set_up(runtime, session, source, destination)
+        # "peer": the peer has passed already, and the claim is not checked. Otherwise the
+        # claimed address is (a LOCAL header claims none: the peer is the client then).
+        check_rules = route.allow_applies_to != "peer"
+        self._set_up(runtime, session, source, destination, check_rules=check_rules)
 
     def _set_up(
         self,
@@ -130,10 +151,16 @@ class ConnectionSetup:
         session: Session,
         source: Endpoint | None,
         destination: Endpoint | None,
+        *,
+        check_rules: bool,
     ) -> None:
-        """Check the client against the route's rules, then start connecting."""
+        """Check the client against the route's rules, then start connecting.
+
+        `check_rules`: whether `source` must pass allow/deny here (it need not when
+        only the peer's address counts, and the peer was checked on arrival).
+        """
         try:
-            outcome = self._admit_and_connect(runtime, session, source, destination)
+            outcome = self._admit_and_connect(runtime, session, source, destination, check_rules)
         except Exception:
             log.exception("session failed unexpectedly")
             outcome = Outcome.INTERNAL_ERROR
@@ -146,14 +173,11 @@ class ConnectionSetup:
         session: Session,
         source: Endpoint | None,
         destination: Endpoint | None,
+        check_rules: bool,
     ) -> Outcome | None:
         """An outcome when the client is turned away; None once connecting has begun."""
         route = runtime.route
-        if (
-            (route.allow or route.deny)
-            and source is not None
-            and not is_allowed(source[0], route.allow, route.deny)
-        ):
+        if check_rules and not passes_rules(route, source):
             return Outcome.DENIED
         limit = route.max_connections_per_source
         if limit is not None and source is not None:

@@ -41,14 +41,48 @@ def endpoint_of(family: int, address: object) -> Endpoint | None:
     return (str(address[0]), int(address[1]))
 
 
-def is_allowed(host: str, allow: Sequence[IPNetwork], deny: Sequence[IPNetwork]) -> bool:
-    """Deny wins over allow; an empty allow list allows everyone not denied."""
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of `host`; an IPv4-mapped IPv6 address (a dual-stack listener's
+    IPv4 client) as the IPv4 address it is, so that IPv4 networks match it."""
     address = ipaddress.ip_address(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def is_allowed(host: str, allow: Sequence[IPNetwork], deny: Sequence[IPNetwork]) -> bool:
+    """Deny wins over allow; an empty allow list allows everyone not denied."""
+    address = _ip(host)
     if any(address in network for network in deny):
         return False
     return not allow or any(address in network for network in allow)
+
+
+def passes_rules(route: Route, client: Endpoint | None) -> bool:
+    """Whether `client` gets past the route's allow and deny lists.
+
+    A unix socket client has no address for the lists to name: only the socket file's
+    permissions decide who may connect there.
+    """
+    if client is None or not (route.allow or route.deny):
+        return True
+    return is_allowed(client[0], route.allow, route.deny)
+
+
+def is_trusted(route: Route, peer: Endpoint | None) -> bool:
+    """Whether `peer` may send the route a PROXY header (`proxy_protocol_trusted`).
+
+    An empty list trusts every peer (the config warns about it). A unix socket peer has
+    no address, so it is in no list: on a unix listener, only an empty list lets a
+    header through.
+    """
+    trusted = route.proxy_protocol_trusted
+    if not trusted:
+        return True
+    if peer is None:
+        return False
+    address = _ip(peer[0])
+    return any(address in network for network in trusted)
 
 
 @dataclass(eq=False)

@@ -31,7 +31,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 # layer -> third-party packages it may import (beyond the standard library)
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "config": frozenset({"yaml"}),
-    "protocol": frozenset(),
+    # optional (the crc extra): the C CRC32c, imported lazily with a pure fallback
+    "protocol": frozenset({"google_crc32c"}),
     "datapath": frozenset({"trio"}),
     "ops": frozenset({"trio", "prometheus_client"}),
     "relay": frozenset({"trio"}),
