@@ -111,7 +111,17 @@ class WorkerPool:
         """Start the workers whose restart is due; returns them."""
         started = []
         for slot in self.table.due(now):
-            worker = self.spawn(slot)
+            try:
+                worker = self.spawn(slot)
+            except OSError as error:
+                # Why not stop: the other workers still serve; the slot waits its
+                # backoff and tries again, as it does after a worker that died.
+                delay = self.table.start_failed(slot, now)
+                log.error(
+                    f"cannot start a worker: {error.strerror or error}",
+                    extra={"fields": {"slot": slot, "restart_in_seconds": round(delay, 3)}},
+                )
+                continue
             log.info("worker restarted", extra={"fields": {"slot": slot, "pid": worker.pid}})
             started.append(worker)
         return started

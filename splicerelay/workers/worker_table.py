@@ -172,6 +172,16 @@ class WorkerTable:
         self.restarts += len(slots)
         return slots
 
+    def start_failed(self, slot: int, now: float) -> float:
+        """A due restart of `slot` could not even start a process (fork, memfd or fd
+        limits): it is not counted as a restart, and is tried again after the slot's
+        backoff, which grows as for a worker dying young. Returns the delay."""
+        self.restarts -= 1  # due() counted it
+        delay = restart_delay(self._failures[slot])
+        self._failures[slot] += 1
+        self._restart_at[slot] = now + delay
+        return delay
+
     def cancel_restarts(self) -> None:
         self._restart_at.clear()
 

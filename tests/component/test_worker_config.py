@@ -280,3 +280,27 @@ def test_no_memfd_is_one_error_line_and_exit_1(
         "cannot start a worker: Operation not permitted"
     ]
     assert_port_free(port)
+
+
+def test_a_restart_that_cannot_start_a_process_waits_and_tries_again(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness.all_ready()
+    harness.workers[1].process.returncode = -9  # type: ignore[attr-defined]
+    harness.supervisor.reap()
+    table = harness.supervisor.table
+    with monkeypatch.context() as failing:
+
+        def refused(name: str, flags: int = 0) -> int:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        failing.setattr(os, "memfd_create", refused)
+        harness.supervisor.restart_due(1e6)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "cannot start a worker: Too many open files"
+    assert table.restarts == 0 and len(table) == 1
+    assert table.next_timeout(1e6, tick=10.0) > 0  # after a backoff, not at once
+    harness.supervisor.restart_due(1e6 + 10.0)
+    assert table.restarts == 1 and len(table) == 2
+    [again] = [w for w in table if w.slot == 1]
+    assert harness.supervisor.pool.config_of(again) == harness.old_text
