@@ -13,6 +13,7 @@ from splicerelay.config import (
     Config,
     ConfigError,
     config_from_args,
+    config_warnings,
     read_config,
     render_config,
     worker_count,
@@ -115,6 +116,8 @@ def command_check(args: argparse.Namespace) -> int:
         return 1
     for note in notes:
         print(note, file=sys.stderr)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(render_config(config))
     return 0
 

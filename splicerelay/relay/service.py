@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from splicerelay import __version__
-from splicerelay.config import Config, ConfigError, load_config
+from splicerelay.config import Config, ConfigError, config_warnings, load_config
 from splicerelay.config.addresses import Address
 from splicerelay.datapath.session import Session
 from splicerelay.datapath.stats import RelayStats
@@ -78,6 +78,17 @@ def configure_service_logs(
             handler.addFilter(tag)
 
 
+def log_config_warnings(config: Config, worker: AsWorker | None) -> None:
+    """Say at warning level what in `config` is valid but probably a mistake.
+
+    Every worker loads the same file, so only the first one says it, not one line per
+    worker (a restarted first worker says it again).
+    """
+    if worker is None or worker.slot == 0:
+        for warning in config_warnings(config):
+            log.warning(warning)
+
+
 def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
@@ -124,6 +135,7 @@ class Reloader:
                 reloads.record("success")
                 result = "success"
                 configure_service_logs(self.options, config, self.worker)
+                log_config_warnings(config, self.worker)
             finally:
                 # A worker tells its supervisor how the reload went, which counts it.
                 extra = (
@@ -223,6 +235,7 @@ def run_relay(
     `metrics_address` overrides `options.metrics_address` (a worker serves its metrics on
     a private unix socket for its supervisor).
     """
+    log_config_warnings(config, worker)
     stats = RelayStats()
     try:
         runtimes = prepare_routes(config, stats, listeners)

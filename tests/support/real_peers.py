@@ -100,16 +100,27 @@ frontend front
     bind 127.0.0.1:{listen_port}
     default_backend back
 backend back
-    server relay 127.0.0.1:{relay_port} send-proxy-v2
+    server relay 127.0.0.1:{relay_port} send-proxy-v2{server_options}
 """
 
 
 @contextmanager
-def haproxy_sending_proxy_v2(tmp_path: Path, relay_port: int) -> Iterator[int]:
-    """HAProxy in tcp mode forwarding to `relay_port` with a PROXY v2 header."""
+def haproxy_sending_proxy_v2(
+    tmp_path: Path, relay_port: int, server_options: str = ""
+) -> Iterator[int]:
+    """HAProxy in tcp mode forwarding to `relay_port` with a PROXY v2 header.
+
+    `server_options` go on its server line, e.g. "proxy-v2-options crc32c".
+    """
     haproxy = require("haproxy", "haproxy")
     port = free_port()
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_SEND_PROXY_V2.format(listen_port=port, relay_port=relay_port))
+    config.write_text(
+        HAPROXY_SEND_PROXY_V2.format(
+            listen_port=port,
+            relay_port=relay_port,
+            server_options=f" {server_options}" if server_options else "",
+        )
+    )
     with running([haproxy, "-db", "-f", str(config)], port, tmp_path / "haproxy.log"):
         yield port
