@@ -9,7 +9,7 @@ Run it as root:
 
     .venv/bin/python -m pytest -q tests/e2e/test_journald.py
 
-The first run builds a Debian rootfs with debootstrap (about a minute, bounded at three)
+The first run builds a Debian rootfs with debootstrap (about a minute, at most four)
 and caches it in the temp dir; set SPLICERELAY_TEST_ROOTFS=/some/dir to keep it
 elsewhere. Later runs take seconds. Without root, debootstrap or systemd-nspawn (Debian
 packages debootstrap, systemd-container) the test skips. See tests/support/container.py.
@@ -28,8 +28,9 @@ from tests.support.harness import free_port, poll_until, refused_port
 
 ROUTE = "journal-probe"
 
-# A real peer: systemd and journald, in a container.
-pytestmark = pytest.mark.peer
+# A real peer: systemd and journald, in a container. The first test of a session may first build
+# the rootfs (bounded at 4 minutes): more than the default per-test timeout.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(600)]
 
 
 def config_text(listen_port: int, upstream_port: int) -> str:

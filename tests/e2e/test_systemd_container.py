@@ -4,7 +4,7 @@ Run it as root:
 
     .venv/bin/python -m pytest -q tests/e2e/test_systemd_container.py tests/e2e/test_journald.py
 
-The first run builds a Debian rootfs with debootstrap (about a minute, bounded at three)
+The first run builds a Debian rootfs with debootstrap (about a minute, at most four)
 and caches it in the temp dir; set SPLICERELAY_TEST_ROOTFS=/some/dir to keep it
 elsewhere, across reboots. Later runs take seconds: build the relay's wheels, install them
 into a layer over the cached rootfs, boot. Without root, debootstrap or systemd-nspawn
@@ -26,8 +26,9 @@ from tests.support.container import Container, start_service, unit_property
 from tests.support.harness import free_port
 from tests.support.peers import echo, round_trip
 
-# A real peer: systemd, in a container.
-pytestmark = pytest.mark.peer
+# A real peer: systemd, in a container. The first test of a session may first build
+# the rootfs (bounded at 4 minutes): more than the default per-test timeout.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(600)]
 
 
 def config_text(listen_port: int, upstream_port: int) -> str:
