@@ -1,9 +1,15 @@
-"""Addresses as users write them: `host:port`, `[v6]:port` and `unix:/path`.
+"""Addresses as users write them: `host:port`, `[v6]:port` and `unix:/path`, and, for a
+route's `listen` only, `systemd:NAME`.
 
 Parsing is pure: hostnames are checked for shape here and resolved by the server, off the
 event loop. IP literals are normalised (an IPv6 address is kept in its compressed form,
 without brackets) and hostnames are lower-cased, so two spellings of one address compare
 equal.
+
+`systemd:NAME` is not an address of its own: it stands for whatever socket the service
+manager passes under FileDescriptorName=NAME (socket activation), bound wherever the
+socket unit says. Like `unix:`, the prefix always has this meaning, so a host really
+named "systemd" is written with its trailing dot, `systemd.:80`.
 """
 
 from __future__ import annotations
@@ -15,14 +21,20 @@ from dataclasses import dataclass
 __all__ = [
     "Address",
     "AddressError",
+    "ListenAddress",
+    "SystemdSocketAddress",
     "TcpAddress",
     "UnixAddress",
     "is_ip_literal",
     "parse_address",
+    "parse_listen_address",
 ]
 
 EXPECTED_FORMS = "expected host:port, [v6]:port or unix:/path"
 UNIX_PREFIX = "unix:"
+SYSTEMD_PREFIX = "systemd:"
+# systemd's own limit on a FileDescriptorName= (FDNAME_MAX).
+MAX_SYSTEMD_NAME_LENGTH = 255
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL.
 MAX_UNIX_PATH_BYTES = 107
 MAX_HOSTNAME_LENGTH = 253
@@ -61,7 +73,19 @@ class UnixAddress:
         return f"{UNIX_PREFIX}{self.path}"
 
 
+@dataclass(frozen=True)
+class SystemdSocketAddress:
+    """The socket the service manager passes under a name (FileDescriptorName=NAME in a
+    socket unit, LISTEN_FDNAMES in the environment): a route's listen, never an upstream."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"{SYSTEMD_PREFIX}{self.name}"
+
+
 Address = TcpAddress | UnixAddress
+ListenAddress = TcpAddress | UnixAddress | SystemdSocketAddress
 
 
 def is_ip_literal(host: str) -> bool:
@@ -76,12 +100,26 @@ def is_ip_literal(host: str) -> bool:
 def parse_address(text: str) -> Address:
     """Parse `host:port`, `[v6]:port` or `unix:/abs/path`; raise AddressError if invalid."""
     try:
+        if text.startswith(SYSTEMD_PREFIX):
+            raise _Problem(
+                f"{SYSTEMD_PREFIX}NAME (a socket passed by systemd) can only be a route's listen"
+            )
         if text.startswith(UNIX_PREFIX):
             return UnixAddress(_parse_unix_path(text[len(UNIX_PREFIX) :]))
         host, port = _split_host_port(text)
         return TcpAddress(host, _parse_port(port))
     except _Problem as problem:
         raise AddressError(f"bad address {text!r}: {problem}") from None
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """Parse what a route's `listen` may say: an address, or `systemd:NAME`."""
+    if not text.startswith(SYSTEMD_PREFIX):
+        return parse_address(text)
+    try:
+        return SystemdSocketAddress(_parse_systemd_name(text[len(SYSTEMD_PREFIX) :]))
+    except _Problem as problem:
+        raise AddressError(f"bad listen {text!r}: {problem}") from None
 
 
 class _Problem(Exception):
@@ -104,6 +142,22 @@ def _parse_unix_path(path: str) -> str:
     if size > MAX_UNIX_PATH_BYTES:
         raise _Problem(f"unix socket path is {size} bytes long (at most {MAX_UNIX_PATH_BYTES})")
     return path
+
+
+def _parse_systemd_name(name: str) -> str:
+    """A FileDescriptorName= as systemd accepts one (fdname_is_valid): printable ASCII
+    without ':', which separates the names in LISTEN_FDNAMES; at most 255 characters."""
+    if not name:
+        raise _Problem(
+            "empty name (expected systemd:NAME, NAME being the socket's FileDescriptorName=)"
+        )
+    if len(name) > MAX_SYSTEMD_NAME_LENGTH:
+        raise _Problem(f"the name is longer than {MAX_SYSTEMD_NAME_LENGTH} characters")
+    if not all(" " <= char <= "~" for char in name):
+        raise _Problem("the name may hold printable ASCII characters only")
+    if ":" in name:
+        raise _Problem("the name may not contain ':' (it separates the names in LISTEN_FDNAMES)")
+    return name
 
 
 def _split_host_port(text: str) -> tuple[str, str]:

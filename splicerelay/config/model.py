@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from splicerelay.config.addresses import Address
+from splicerelay.config.addresses import Address, ListenAddress
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -95,7 +95,7 @@ class Route:
     idle for `idle_timeout`."""
 
     name: str
-    listen: Address
+    listen: ListenAddress  # systemd:NAME: the socket the service manager passes as NAME
     upstreams: tuple[Upstream, ...]
     balance: str
     connect_timeout: float

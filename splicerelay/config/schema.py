@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from splicerelay.config.addresses import Address, UnixAddress, parse_address
+from splicerelay.config.addresses import ListenAddress, UnixAddress, parse_address
 from splicerelay.config.model import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SHUTDOWN_TIMEOUT,
@@ -164,7 +164,7 @@ class ConfigReader(RouteReader):
         def where_written(listener: Listener) -> tuple[int, int]:
             return (-1, -1) if listener.node is None else position(listener.node)
 
-        seen: dict[Address, Listener] = {}
+        seen: dict[ListenAddress, Listener] = {}
         for listener in sorted(self.listeners, key=where_written):
             first = seen.setdefault(listener.address, listener)
             if first is listener or listener.node is None:

@@ -11,7 +11,12 @@ from typing import Any
 
 import yaml
 
-from splicerelay.config.addresses import Address, TcpAddress
+from splicerelay.config.addresses import (
+    AddressError,
+    ListenAddress,
+    TcpAddress,
+    parse_listen_address,
+)
 from splicerelay.config.model import (
     ALLOW_APPLIES_TO,
     BALANCE_STRATEGIES,
@@ -77,9 +82,12 @@ _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
 @dataclass(frozen=True)
 class Listener:
-    """A configured listen address, to find two things listening on the same one."""
+    """A configured listen address, to find two things listening on the same one.
 
-    address: Address
+    Two routes saying the same `systemd:NAME` are duplicates too: both would want the one
+    socket passed under that name."""
+
+    address: ListenAddress
     owner: str
     path: str
     node: yaml.Node | None  # None for the default metrics address, written nowhere
@@ -272,17 +280,24 @@ class RouteReader(ValueReader):
         names[name] = line
         return name
 
-    def listen(self, section: CheckedMapping, owner: str) -> Address | None:
+    def listen(self, section: CheckedMapping, owner: str) -> ListenAddress | None:
         node = self.required(section, "listen")
         if node is None:
             return None
         path = f"{section.path}.listen"
-        address = self.address(node, path)
+        expected = "an address (host:port, [v6]:port, unix:/path or systemd:NAME)"
+        text = self.string(node, path, expected)
+        if text is None:
+            return None
+        try:
+            address = parse_listen_address(text)
+        except AddressError as error:
+            self.report(node, path, str(error))
+            return None
         if isinstance(address, TcpAddress) and address.port == 0:
             self.report(node, path, "port 0 is not allowed here (a listener needs a fixed port)")
             return None
-        if address is not None:
-            self.listeners.append(Listener(address, f"route {owner!r}", path, node))
+        self.listeners.append(Listener(address, f"route {owner!r}", path, node))
         return address
 
     def upstreams(self, section: CheckedMapping) -> tuple[Upstream, ...] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -155,12 +156,89 @@ class PassedSocket:
     kept: bool = True
 
 
-def passed_sockets(environ: dict[str, str] | None = None, unset: bool = True) -> list[PassedSocket]:
+@dataclass(frozen=True)
+class RefusedFd:
+    """A passed file descriptor that is not a listening stream socket: the relay refuses
+    to start with it, as a daemon checking its fds with sd_is_socket() does."""
+
+    fd: int
+    name: str
+    what: str  # what it is instead: "a pipe", "a datagram socket (AF_INET)", ...
+
+    def __str__(self) -> str:
+        return (
+            f"fd {self.fd} passed by systemd as {self.name!r} is {self.what}, not a"
+            " listening stream socket (AF_INET, AF_INET6 or AF_UNIX); check the socket"
+            " unit: ListenStream= and Accept=no"
+        )
+
+
+# The families a route can listen on.
+LISTEN_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a pipe"),
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+_SOCKET_TYPES: dict[int, str] = {
+    socket.SOCK_DGRAM: "a datagram socket",
+    socket.SOCK_SEQPACKET: "a seqpacket socket",
+    socket.SOCK_RAW: "a raw socket",
+}
+
+
+def listening_socket(fd: int) -> socket.socket | str:
+    """The listening stream socket open at `fd`, or what `fd` is instead.
+
+    The checks of sd_is_socket(fd, family, SOCK_STREAM, 1): a socket (fstat), of type
+    SOCK_STREAM (SO_TYPE), listening (SO_ACCEPTCONN), of a family a route can listen on.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as error:
+        return f"not usable ({error.strerror})"
+    if not stat.S_ISSOCK(mode):
+        return next((what for is_kind, what in _FILE_KINDS if is_kind(mode)), "not a socket")
+    try:
+        # Why this way: with fileno alone Python asks the kernel for the family and type
+        # (getsockname, SO_TYPE), so the object describes the socket as it really is.
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        return f"a socket that cannot be used ({error.strerror})"
+    family = _family_name(sock.family)
+    kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    what = None
+    if sock.family not in LISTEN_FAMILIES:
+        what = f"a socket of family {family}"
+    elif kind != socket.SOCK_STREAM:
+        what = f"{_SOCKET_TYPES.get(kind, f'a socket of type {kind}')} ({family})"
+    elif not listening:
+        what = f"a stream socket ({family}) that is not listening"
+    if what is None:
+        return sock
+    sock.detach()  # Why: not ours to close; the relay refuses to start instead.
+    return what
+
+
+def _family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return f"family {family}"
+
+
+def passed_sockets(
+    environ: dict[str, str] | None = None, unset: bool = True
+) -> list[PassedSocket | RefusedFd]:
     """The sockets of socket activation (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES).
 
     Only honoured when LISTEN_PID is this process, as sd_listen_fds() does. The
     variables are then removed (with `unset`) so that child processes do not take the
-    same descriptors for theirs.
+    same descriptors for theirs. An fd that is not a listening stream socket comes back
+    as a RefusedFd, which the listeners refuse to start with.
     """
     environ_view = environ if environ is not None else os.environ
     count_text = environ_view.get("LISTEN_FDS", "")
@@ -168,12 +246,16 @@ def passed_sockets(environ: dict[str, str] | None = None, unset: bool = True) ->
     if not count_text.isdigit() or pid_text != str(os.getpid()):
         return []
     names = environ_view.get("LISTEN_FDNAMES", "").split(":")
-    sockets = []
+    sockets: list[PassedSocket | RefusedFd] = []
     for offset in range(int(count_text)):
         fd = LISTEN_FDS_START + offset
         name = names[offset] if offset < len(names) and names[offset] else "unknown"
+        checked = listening_socket(fd)
+        if isinstance(checked, str):
+            sockets.append(RefusedFd(fd, name, checked))
+            continue
         os.set_inheritable(fd, False)
-        sockets.append(PassedSocket(socket.socket(fileno=fd), name))
+        sockets.append(PassedSocket(checked, name))
     if unset and environ is None:
         for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             os.environ.pop(key, None)

@@ -2,8 +2,9 @@
 
 A route's listener outlives the route's runtime: a reload that keeps a listen address
 keeps the very same socket, so clients queued in its backlog are never refused. A socket
-passed by socket activation is never bound a second time: a route takes the passed
-socket named after it (LISTEN_FDNAMES), or else the one bound to its address.
+passed by socket activation is never bound a second time (passed.py says which route
+takes which one): a route takes the passed socket bound to its `listen`, or with
+`listen: systemd:NAME` the one passed under NAME, whatever it is bound to.
 
 With `workers` above 1 the listeners are shared (see Role): the supervisor binds every
 listener once and hands it to each worker (see workers/pool.py), and a TCP listener
@@ -17,17 +18,21 @@ import enum
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
-from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
-from splicerelay.ops.systemd import PassedSocket
+from splicerelay.config.addresses import (
+    Address,
+    ListenAddress,
+    SystemdSocketAddress,
+    TcpAddress,
+    UnixAddress,
+)
+from splicerelay.ops.systemd import PassedSocket, RefusedFd
+from splicerelay.relay.passed import ListenError as ListenError  # (its users import it from here)
+from splicerelay.relay.passed import claim_passed, listening_on
 from splicerelay.relay.upstreams import ResolveError, resolve
 
 LISTEN_BACKLOG = 4096
-
-
-class ListenError(Exception):
-    """A listener cannot be had (port in use, permission, name does not resolve)."""
 
 
 class Role(enum.Enum):
@@ -108,48 +113,56 @@ def remove_stale_unix_socket(path: str) -> None:
     os.unlink(path)
 
 
-def same_address(sock: socket.socket, address: Address) -> bool:
-    """Is `sock` bound to `address` (a passed socket, compared by what it is bound to)?"""
-    try:
-        bound = sock.getsockname()
-    except OSError:
-        return False
-    if isinstance(address, UnixAddress):
-        return sock.family == socket.AF_UNIX and bound == address.path
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        wanted = resolve(address, passive=True).sockaddr
-    except ResolveError:
-        return False
-    assert isinstance(wanted, tuple)
-    return (bound[0], bound[1]) == (wanted[0], wanted[1])
-
-
 class ListenerSet:
-    """Every listening socket of the relay, by address; the one owner that closes them.
+    """Every listening socket of the relay, by listen address; the one owner that closes
+    them.
 
     With workers (`role` other than SOLE), TCP listeners set SO_REUSEPORT; a worker
     refuses a new unix listener, since a unix path can be bound only once and its
     sibling workers could never share it.
     """
 
-    def __init__(self, passed: list[PassedSocket] | None = None, *, role: Role = Role.SOLE) -> None:
-        self._unclaimed = list(passed or [])
-        self._by_address: dict[Address, socket.socket] = {}
+    def __init__(
+        self, passed: Sequence[PassedSocket | RefusedFd] | None = None, *, role: Role = Role.SOLE
+    ) -> None:
+        items = list(passed or [])
+        self._refused = [item for item in items if isinstance(item, RefusedFd)]
+        self._unclaimed = [item for item in items if isinstance(item, PassedSocket)]
+        self._by_address: dict[ListenAddress, socket.socket] = {}
         self._passed = {item.sock.fileno(): item for item in self._unclaimed}
         self.role = role
-        self._names: dict[Address, str] = {}
+        self._names: dict[ListenAddress, str] = {}
 
-    def addresses(self) -> set[Address]:
+    def addresses(self) -> set[ListenAddress]:
         return set(self._by_address)
 
-    def take(self, route_name: str, address: Address) -> socket.socket:
-        """The listener for `address`: kept, passed, or newly bound. May block (bind)."""
+    def describe(self, address: ListenAddress) -> str:
+        """Where the listener for `address` really listens (see `listening_on`), or the
+        address as configured when this set holds no listener for it."""
+        sock = self._by_address.get(address)
+        return str(address) if sock is None else listening_on(address, sock)
+
+    def take(self, route_name: str, address: ListenAddress) -> socket.socket:
+        """The listener for `address`: kept, passed, or newly bound. May block (bind).
+
+        Raises ListenError, also when the service manager passed an fd that is not a
+        listening stream socket (the relay refuses to start), or a socket named after
+        this route but bound elsewhere than `address` (see passed.py)."""
+        if self._refused:
+            raise ListenError(str(self._refused[0]))
         existing = self._by_address.get(address)
         if existing is not None and existing.fileno() >= 0:
             return existing
-        sock = self._claim_passed(route_name, address) or self._open(address)
+        holders = {id(sock): (key, self._names[key]) for key, sock in self._by_address.items()}
+        chosen = claim_passed(
+            route_name, address, self._unclaimed, list(self._passed.values()), holders
+        )
+        if chosen is not None:
+            self._unclaimed.remove(chosen)
+            chosen.sock.setblocking(False)
+            sock = chosen.sock
+        else:
+            sock = self._open(address)
         self._by_address[address] = sock
         self._names[address] = route_name
         return sock
@@ -157,19 +170,21 @@ class ListenerSet:
     def handover(self) -> list[PassedSocket]:
         """Every socket held, as a worker process should receive it (see workers/pool.py).
 
-        A route's listener is named after the route; one the service manager passed
-        keeps being `kept` across reloads, one bound here closes with its route."""
+        A socket the service manager passed keeps its name, so that the worker matches
+        it to routes by the rules the supervisor did (passed.py), and stays `kept`
+        across reloads; one bound here is named after its route and closes with it."""
         handed = [
-            PassedSocket(
-                sock,
-                self._names[address],
-                kept=self._passed[sock.fileno()].kept if self.is_passed(sock) else False,
-            )
+            self._passed[sock.fileno()]
+            if self.is_passed(sock)
+            else PassedSocket(sock, self._names[address], kept=False)
             for address, sock in self._by_address.items()
         ]
         return handed + list(self._unclaimed)
 
-    def _open(self, address: Address) -> socket.socket:
+    def _open(self, address: ListenAddress) -> socket.socket:
+        if isinstance(address, SystemdSocketAddress):
+            # (claim_passed raised already: only the service manager has such a socket.)
+            raise ListenError(f"cannot listen on {address}: only systemd can pass it")
         if self.role is Role.WORKER and isinstance(address, UnixAddress):
             raise ListenError(
                 f"cannot listen on {address}: with workers > 1 a new unix socket listener"
@@ -181,20 +196,12 @@ class ListenerSet:
             exclusive=self.role is Role.SUPERVISOR,
         )
 
-    def _claim_passed(self, route_name: str, address: Address) -> socket.socket | None:
-        chosen = next((p for p in self._unclaimed if p.name == route_name), None)
-        if chosen is None:
-            chosen = next((p for p in self._unclaimed if same_address(p.sock, address)), None)
-        if chosen is None:
-            return None
-        self._unclaimed.remove(chosen)
-        chosen.sock.setblocking(False)
-        return chosen.sock
-
     def is_passed(self, sock: socket.socket) -> bool:
         return sock.fileno() in self._passed
 
-    def close_except(self, keep: set[Address], close: Callable[[socket.socket], None]) -> None:
+    def close_except(
+        self, keep: Collection[ListenAddress], close: Callable[[socket.socket], None]
+    ) -> None:
         """Close the listeners of addresses no route uses any more.
 
         A passed socket is not closed: it goes back to the unclaimed ones, so a route

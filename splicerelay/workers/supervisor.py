@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from splicerelay import __version__
 from splicerelay.config import Config, ConfigError, read_config, worker_count
-from splicerelay.config.addresses import Address, UnixAddress
+from splicerelay.config.addresses import ListenAddress, UnixAddress
 from splicerelay.datapath.stats import ReloadRecord
 from splicerelay.ops.metrics import MetricsServer
 from splicerelay.ops.service import (
@@ -78,7 +78,7 @@ class Snapshot:
     text: str
 
 
-def new_unix_listener(config: Config, addresses: Collection[Address]) -> str | None:
+def new_unix_listener(config: Config, addresses: Collection[ListenAddress]) -> str | None:
     """Why a reload to `config` cannot happen with workers, or None.
 
     Why: a TCP listener that a reload adds is bound by every worker with SO_REUSEPORT,
@@ -93,12 +93,12 @@ def new_unix_listener(config: Config, addresses: Collection[Address]) -> str | N
     return None
 
 
-def ready_fields(pids: list[int], config: Config) -> dict[str, object]:
+def ready_fields(pids: list[int], config: Config, listeners: ListenerSet) -> dict[str, object]:
     """What the supervisor's "ready" log line says."""
     return {
         "version": __version__,
         "workers": pids,
-        "routes": {route.name: str(route.listen) for route in config.routes},
+        "routes": {route.name: listeners.describe(route.listen) for route in config.routes},
     }
 
 
@@ -190,7 +190,10 @@ class Supervisor:
         if not self.announced and not self.stopping and self.table.all_started_and_ready():
             self.announced = True
             self.notifier.ready(self.status())
-            log.info("ready", extra={"fields": ready_fields(self.table.pids(), self.config)})
+            log.info(
+                "ready",
+                extra={"fields": ready_fields(self.table.pids(), self.config, self.listeners)},
+            )
 
     def status(self) -> str:
         return status_line(self.table.connections(), len(self.table))

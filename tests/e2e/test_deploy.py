@@ -10,6 +10,7 @@ each other and with the metrics the relay exports.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -240,15 +241,16 @@ def test_service_stop_timeout_leaves_room_for_the_drain() -> None:
     assert stop_timeout > example_config().shutdown_timeout + 5
 
 
-def test_socket_unit_names_a_route_of_the_example_config() -> None:
-    """The relay matches a passed socket to the route whose name is its fd name."""
-    assert unit_value(SOCKET_UNIT, "Socket", "ListenStream") == "0.0.0.0:8080"
+def test_socket_unit_serves_a_route_of_the_example_config_where_it_says() -> None:
+    """A passed socket named after a route must be bound to that route's listen, or the
+    relay refuses to start; both files keep to loopback, as the README promises."""
     assert unit_value(SOCKET_UNIT, "Socket", "Service") == SERVICE_UNIT.name
     name = unit_value(SOCKET_UNIT, "Socket", "FileDescriptorName")
     routes = {route.name: route.listen for route in example_config().routes}
     assert name in routes
     listen = routes[name]
-    assert isinstance(listen, TcpAddress) and listen.port == 8080
+    assert isinstance(listen, TcpAddress) and ipaddress.ip_address(listen.host).is_loopback
+    assert unit_value(SOCKET_UNIT, "Socket", "ListenStream") == str(listen)
 
 
 def runnable_units(directory: Path) -> list[Path]:

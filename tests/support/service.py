@@ -57,18 +57,18 @@ def can_connect(port: int) -> bool:
         return False
 
 
-def connect_when_listening(port: int) -> socket.socket:
+def connect_when_listening(port: int, host: str = "127.0.0.1") -> socket.socket:
     """Connect once the launcher has bound the port (it does so just after starting)."""
     connected: list[socket.socket] = []
 
     def attempt() -> bool:
         try:
-            connected.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            connected.append(socket.create_connection((host, port), timeout=5))
         except ConnectionRefusedError:
             return False
         return True
 
-    poll_until(attempt, 10, f"port {port} to listen")
+    poll_until(attempt, 10, f"{host}:{port} to listen")
     return connected[0]
 
 
