@@ -36,6 +36,7 @@ from splicerelay.ops.systemd import Notifier, watchdog_interval
 from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.lifecycle import Relay
 from splicerelay.relay.listeners import ListenerSet
+from splicerelay.relay.passed import listening_on
 from splicerelay.relay.routes import RouteRuntime, StartupError, prepare_routes
 from splicerelay.relay.sessions import session_record
 
@@ -192,7 +193,10 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
                 extra={
                     "fields": {
                         "version": __version__,
-                        "routes": {r.route.name: str(r.route.listen) for r in relay.runtimes},
+                        "routes": {
+                            r.route.name: listening_on(r.route.listen, r.listener)
+                            for r in relay.runtimes
+                        },
                         "data_path": "splice" if relay.use_splice else "copy",
                     }
                 },
