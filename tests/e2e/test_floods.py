@@ -16,7 +16,15 @@ from collections import Counter
 import pytest
 import trio
 
-from splicerelay.protocol.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, decode, encode_v1
+from splicerelay.protocol.crc32c import crc32c
+from splicerelay.protocol.proxy_protocol import (
+    V2_SIGNATURE,
+    ProxyHeaderError,
+    TLVType,
+    decode,
+    encode_v1,
+    encode_v2,
+)
 from tests.support.harness import Relay, free_port, poll_until, relay_config
 from tests.support.peers import (
     Transfer,
@@ -457,3 +465,128 @@ async def test_slowloris_proxy_header_is_cut_at_the_header_timeout(relay_factory
     assert sent < len(header)
     assert served_upstream == 0
     await wait_for_metric(relay, "splicerelay_connections_total", 1, 5, outcome="bad_proxy_header")
+
+
+# ----- maximal PROXY v2 headers -----------------------------------------------------------
+
+MAX_HEADER = 4 * KiB  # the route's proxy_protocol_max_header (the default)
+
+
+def v2_with_crc(total: int, *, good: bool = True) -> bytes:
+    """A tcp4 v2 header of exactly `total` bytes: a NOOP TLV as padding, then a CRC32C
+    TLV over all of it (wrong on purpose unless `good`), so the relay checksums it all."""
+    source, destination = ("192.0.2.50", 40050), ("127.0.0.1", 443)
+    bare = encode_v2(source, destination)
+    padding = total - len(bare) - 3 - 7
+    header = encode_v2(
+        source, destination, tlvs=[(TLVType.NOOP, bytes(padding)), (TLVType.CRC32C, bytes(4))]
+    )
+    checksum = crc32c(header) ^ (0 if good else 1)
+    return header[:-4] + struct.pack("!I", checksum)
+
+
+async def timed_valid_client(port: int, index: int, payload: bytes) -> float:
+    """A v2 header naming a client, then `payload` echoed back; the seconds it took."""
+    started = time.monotonic()
+    header = encode_v2((f"198.51.100.{index % 250 + 1}", 30000 + index), ("127.0.0.1", port))
+    async with await connect(port) as stream:
+        await stream.send_all(header + payload)
+        echoed = await read_exactly(stream, len(payload))
+    assert echoed == payload
+    return time.monotonic() - started
+
+
+async def test_maximal_v2_headers_with_crc_do_not_slow_valid_clients(relay_factory):
+    """Clients flood the relay with v2 headers carrying a CRC32C TLV: exactly at the
+    4 KiB bound with a good checksum (relayed), at the bound with a bad one (checked
+    in full, refused), and over the bound (4 KiB + 1, and the 64 KiB maximum: refused
+    from their first bytes, unread). 40 valid clients, one after another, are timed
+    alone and then during the flood: the median may grow, but by a bounded factor.
+    Every flood connection is accounted for, the refused ones as bad_proxy_header."""
+    kinds = {
+        "at_bound": v2_with_crc(MAX_HEADER),
+        "bad_crc": v2_with_crc(MAX_HEADER, good=False),
+        "over_bound": v2_with_crc(MAX_HEADER + 1),
+        "largest": v2_with_crc(16 + 0xFFFF),
+    }
+    flooders, per_flooder, valid_count = 8, 60, 40
+    payload = bytes(range(256)) * 16
+    sent: Counter[str] = Counter()
+    closed_after: dict[str, list[float]] = {kind: [] for kind in kinds}
+    valid_done = trio.Event()
+
+    async def flood(index: int) -> None:
+        names = list(kinds)
+        for count in range(per_flooder):
+            if valid_done.is_set():
+                return
+            kind = names[(index + count) % len(names)]
+            async with await connect(listen_port) as stream:
+                started = time.monotonic()
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(kinds[kind])
+                    await stream.send_eof()
+                sent[kind] += 1
+                with trio.fail_after(5):
+                    await wait_closed(stream)
+                closed_after[kind].append(time.monotonic() - started)
+
+    async def valid_clients(latencies: list[float]) -> None:
+        for index in range(valid_count):
+            latencies.append(await timed_valid_client(listen_port, index, payload))
+            await trio.sleep(0.01)
+
+    alone: list[float] = []
+    flooded: list[float] = []
+    async with trio.open_nursery() as nursery:
+        upstream_port = await start_server(nursery, echo)
+        listen_port = free_port()
+        relay = await relay_factory.astart(proxy_route(listen_port, upstream_port, "3s"))
+        with trio.fail_after(60):
+            await valid_clients(alone)
+            async with trio.open_nursery() as work:
+                for index in range(flooders):
+                    work.start_soon(flood, index)
+                # Timed only once the flood is under way.
+                await trio.to_thread.run_sync(
+                    poll_until, lambda: sum(sent.values()) >= 2 * flooders, 10, "the flood"
+                )
+                flood_at_start = sum(sent.values())
+                await valid_clients(flooded)
+                flood_during = sum(sent.values()) - flood_at_start
+                valid_done.set()
+            total = sum(sent.values())
+            await wait_for_metric(
+                relay, "splicerelay_connections_total", total + 2 * valid_count, 15
+            )
+        nursery.cancel_scope.cancel()
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    # Sub-millisecond medians on loopback are mostly noise: compare from 2 ms up.
+    ratio = median(flooded) / max(median(alone), 0.002)
+    summary = (
+        f"valid clients: median {median(alone) * 1000:.1f} ms alone, "
+        f"{median(flooded) * 1000:.1f} ms during the flood (x{ratio:.1f}), slowest "
+        f"{max(flooded) * 1000:.0f} ms; {flood_during} flood connections during them, "
+        f"{dict(sent)} in all; refused within "
+        + ", ".join(
+            f"{kind} {max(times) * 1000:.0f} ms" for kind, times in closed_after.items() if times
+        )
+    )
+    print(summary)
+    assert len(flooded) == valid_count and flood_during >= 50, summary
+    assert ratio <= 10, summary
+    assert max(flooded) <= 1.0, summary
+    metrics = relay.metrics()
+    refused = sent["bad_crc"] + sent["over_bound"] + sent["largest"]
+    assert metrics.get("splicerelay_connections_total", outcome="bad_proxy_header") == refused
+    assert (
+        metrics.get("splicerelay_connections_total", outcome="completed")
+        == sent["at_bound"] + 2 * valid_count
+    )
+    # Refused on sight, never held until the 3 s header timeout.
+    for kind in ("over_bound", "largest", "bad_crc"):
+        assert max(closed_after[kind]) < 2.0, summary
+    assert "Traceback" not in relay.stderr()
