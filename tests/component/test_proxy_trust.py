@@ -12,7 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from splicerelay.config import Route, parse_config
 from splicerelay.protocol.proxy_protocol import encode_v1, encode_v2
+from splicerelay.relay.routes import is_trusted
 from tests.support.fakes import (
     Backend,
     build_relay,
@@ -214,3 +216,29 @@ async def test_without_accept_proxy_protocol_the_peer_is_the_client(
             finished = await outcomes.wait_for(2)
         nursery.cancel_scope.cancel()
     assert sorted(end.outcome for end in finished) == ["completed", "denied"]
+
+
+def trust_route(trusted: str) -> Route:
+    config = parse_config(
+        route_config(one_route(9, f"    accept_proxy_protocol: true\n{trusted}")), "trust.yaml"
+    )
+    return config.routes[0]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "peer", "expected"),
+    [
+        ("", ("203.0.113.9", 1), True),
+        ("", None, True),
+        ("    proxy_protocol_trusted: [10.0.0.0/8]\n", ("10.1.2.3", 1), True),
+        ("    proxy_protocol_trusted: [10.0.0.0/8]\n", ("11.1.2.3", 1), False),
+        # A dual-stack listener's IPv4 peer is an IPv4-mapped address: still matched.
+        ("    proxy_protocol_trusted: [10.0.0.0/8]\n", ("::ffff:10.1.2.3", 1), True),
+        ('    proxy_protocol_trusted: ["2001:db8::/32"]\n', ("2001:db8::5", 1), True),
+        ('    proxy_protocol_trusted: ["2001:db8::/32"]\n', ("10.1.2.3", 1), False),
+        # A unix socket peer has no address: in no list.
+        ("    proxy_protocol_trusted: [10.0.0.0/8]\n", None, False),
+    ],
+)
+def test_is_trusted(trusted: str, peer: tuple[str, int] | None, expected: bool):
+    assert is_trusted(trust_route(trusted), peer) is expected
