@@ -149,6 +149,18 @@ class MetricsConfig:
     listen: Address | None
 
 
+CONTROL_SOCKET_AUTO: Final = "auto"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Where the control socket is: an absolute path, "auto" for the default place
+    (chosen at start from $RUNTIME_DIRECTORY and the user: see the relay's control
+    socket), or None for no control socket."""
+
+    socket: str | None = CONTROL_SOCKET_AUTO
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """Diagnostics on stderr; with `access_log`, one line per finished connection."""
@@ -186,3 +198,4 @@ class Config:
     routes: tuple[Route, ...]
     source: str
     max_connections: int | None = None
+    control: ControlConfig = ControlConfig()

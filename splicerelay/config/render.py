@@ -20,6 +20,7 @@ def render_config(config: Config) -> str:
         "shutdown_timeout": format_duration(config.shutdown_timeout),
         "max_connections": config.max_connections,
         "metrics": {"listen": None if metrics_listen is None else str(metrics_listen)},
+        "control": {"socket": config.control.socket},
         "log": {
             "level": config.log.level,
             "format": config.log.format,

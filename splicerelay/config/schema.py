@@ -12,6 +12,7 @@ import yaml
 
 from splicerelay.config.addresses import ListenAddress, UnixAddress, parse_address
 from splicerelay.config.model import (
+    CONTROL_SOCKET_AUTO,
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SHUTDOWN_TIMEOUT,
     LOG_FORMATS,
@@ -20,6 +21,7 @@ from splicerelay.config.model import (
     MAX_WORKERS,
     WORKERS_AUTO,
     Config,
+    ControlConfig,
     LogConfig,
     MetricsConfig,
     Tunables,
@@ -42,11 +44,15 @@ TOP_KEYS = (
     "shutdown_timeout",
     "max_connections",
     "metrics",
+    "control",
     "log",
     "defaults",
     "routes",
 )
 METRICS_KEYS = ("listen",)
+CONTROL_KEYS = ("socket",)
+# sun_path is 108 bytes on Linux, one of which is the terminating NUL.
+MAX_CONTROL_SOCKET_PATH_BYTES = 107
 LOG_KEYS = ("level", "format", "access_log")
 
 
@@ -80,6 +86,7 @@ class ConfigReader(RouteReader):
                 or_null=True,
             )
         metrics = self.metrics(fields.get("metrics"))
+        control = self.control(fields["control"]) if "control" in fields else ControlConfig()
         log = self.log(fields["log"]) if "log" in fields else LogConfig()
         defaults = Tunables()
         if "defaults" in fields:
@@ -87,6 +94,8 @@ class ConfigReader(RouteReader):
         routes = self.routes(top, defaults)
         self.check_listeners()
         if workers is None or shutdown_timeout is None or metrics is None or log is None:
+            return None
+        if control is None:
             return None
         if self.problems:
             return None
@@ -98,6 +107,7 @@ class ConfigReader(RouteReader):
             tuple(routes),
             self.filename,
             max_connections=max_connections,
+            control=control,
         )
 
     def workers(self, node: yaml.Node) -> Workers | None:
@@ -141,6 +151,41 @@ class ConfigReader(RouteReader):
             return None
         self.listeners.append(Listener(address, "the metrics endpoint", "metrics.listen", listen))
         return MetricsConfig(address)
+
+    def control(self, node: yaml.Node) -> ControlConfig | None:
+        """`control: {socket: auto | null | /absolute/path}`; `control: false` is off."""
+        if boolean_value(node) is False:
+            return ControlConfig(None)
+        if not isinstance(node, yaml.MappingNode):
+            self.report(node, "control", f"expected a mapping or false, got {describe(node)}")
+            return None
+        section = self.mapping(node, "control", CONTROL_KEYS)
+        if section is None:
+            return None
+        socket = section.fields.get("socket")
+        if socket is None:
+            return ControlConfig()
+        if is_scalar(socket, NULL):
+            return ControlConfig(None)
+        expected = "'auto', null or an absolute path"
+        if not is_scalar(socket, STR) or not socket.value:
+            self.report(socket, "control.socket", f"expected {expected}, got {describe(socket)}")
+            return None
+        path = str(socket.value)
+        if path == CONTROL_SOCKET_AUTO:
+            return ControlConfig()
+        if not path.startswith("/"):
+            self.report(socket, "control.socket", f"{path!r}: expected {expected}")
+            return None
+        if "\0" in path or len(path.encode("utf-8", "surrogateescape")) > (
+            MAX_CONTROL_SOCKET_PATH_BYTES
+        ):
+            limit = MAX_CONTROL_SOCKET_PATH_BYTES
+            self.report(
+                socket, "control.socket", f"{path!r}: a socket path is at most {limit} bytes"
+            )
+            return None
+        return ControlConfig(path)
 
     def log(self, node: yaml.Node) -> LogConfig | None:
         section = self.mapping(node, "log", LOG_KEYS)

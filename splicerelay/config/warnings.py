@@ -5,6 +5,7 @@ config, at start and on every reload."""
 
 from __future__ import annotations
 
+from splicerelay.config.addresses import UnixAddress
 from splicerelay.config.model import Config, Route
 
 
@@ -26,6 +27,13 @@ def _route_warnings(route: Route) -> list[str]:
         ]
     if route.proxy_protocol_trusted and not route.accept_proxy_protocol:
         return [f"{where}: proxy_protocol_trusted has no effect without accept_proxy_protocol"]
+    if route.proxy_protocol_trusted and isinstance(route.listen, UnixAddress):
+        # A unix socket peer has no address for the list to name, so none is trusted.
+        return [
+            f"{where}: proxy_protocol_trusted on a unix listener refuses every client"
+            " (a unix socket peer has no address); leave it empty and let the socket"
+            " file's permissions decide who may connect"
+        ]
     if route.allow_applies_to != "both" and not route.accept_proxy_protocol:
         return [
             f"{where}: allow_applies_to has no effect without accept_proxy_protocol"

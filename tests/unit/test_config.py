@@ -607,7 +607,9 @@ ROUTE_KEYS_LIST = (
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
     " proxy_protocol_max_header"
 )
-TOP_KEYS_LIST = "workers, shutdown_timeout, max_connections, metrics, log, defaults, routes"
+TOP_KEYS_LIST = (
+    "workers, shutdown_timeout, max_connections, metrics, control, log, defaults, routes"
+)
 DEFAULTS_KEYS_LIST = (
     "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
@@ -1171,6 +1173,7 @@ def test_example_config_with_every_commented_out_key_in_use() -> None:
                 interval=5.0, timeout=1.0, rise=2, fall=3, send=b"PING\r\n", expect=b"+PONG"
             ),
             allow=(network("127.0.0.0/8"), network("::1/128")),
+            proxy_protocol_trusted=(network("10.0.0.5/32"), network("fd00::5/128")),
         ),
     )
 
@@ -1275,6 +1278,8 @@ shutdown_timeout: 30s
 max_connections: null
 metrics:
   listen: 127.0.0.1:9109
+control:
+  socket: auto
 log:
   level: info
   format: json

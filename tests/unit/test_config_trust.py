@@ -126,3 +126,11 @@ def test_trust_settings_without_accepting_headers_are_warned_about() -> None:
 
 def test_a_plain_config_has_no_warnings() -> None:
     assert config_warnings(parse_config(ROUTE, FILE)) == []
+
+
+def test_trusted_networks_on_a_unix_listener_are_warned_about() -> None:
+    text = ROUTE.replace("127.0.0.1:8080", "unix:/run/web.sock") + (
+        "    accept_proxy_protocol: true\n    proxy_protocol_trusted: [10.0.0.0/8]\n"
+    )
+    (warning,) = config_warnings(parse_config(text, FILE))
+    assert "refuses every client" in warning
