@@ -41,7 +41,7 @@ from splicerelay.protocol.outcome import Outcome
 class UpstreamTarget:
     """A resolved upstream: what to connect to, and how to name it in metrics."""
 
-    label: str  # the address as configured, e.g. "backend.internal:8000"
+    label: str  # as configured ("backend.internal:8000"); one address of a name: "name:port@ip"
     family: socket.AddressFamily
     sockaddr: str | tuple[str, int] | tuple[str, int, int, int]
 
