@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from splicerelay import __version__
 from splicerelay.config import Config, load_config
 from splicerelay.config.addresses import TcpAddress
 
@@ -626,13 +627,17 @@ def test_kubernetes_objects_agree_with_each_other(tmp_path: Path) -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
 
-    # Drain time, and the locked-down container.
+    # Drain time: the grace period starts with preStop and must also hold the drain.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
     assert pod["spec"]["terminationGracePeriodSeconds"] == 45
-    assert pod["spec"]["terminationGracePeriodSeconds"] > config.shutdown_timeout
+    assert pod["spec"]["terminationGracePeriodSeconds"] > int(pre_stop[1]) + config.shutdown_timeout
+    # The locked-down container.
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert container["image"] == "splicerelay:0.1.0"
+    # The name deploy/container/build.sh gives the image of this version.
+    assert container["image"] == f"localhost/splicerelay:{__version__}"
     assert container["resources"]["requests"] and container["resources"]["limits"]

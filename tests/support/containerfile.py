@@ -1,0 +1,51 @@
+"""A Containerfile read as its instructions, for tests that check what an image does.
+
+Only as much of the format as the shipped file uses: comment lines, lines continued with
+a backslash, and exec-form (JSON array) arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: FROM, RUN, ...
+    arguments: str  # the rest, continuation lines joined with a space
+    line: int  # where it starts, from 1
+
+    def exec_form(self) -> list[str] | None:
+        """The arguments as a JSON array of strings (exec form), or None (shell form)."""
+        if not self.arguments.startswith("["):
+            return None
+        try:
+            value = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        return None
+
+
+def parse(text: str) -> list[Instruction]:
+    instructions: list[Instruction] = []
+    parts: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        # A comment line, also one inside a continued instruction, is not part of it.
+        if not line or line.startswith("#"):
+            continue
+        if not parts:
+            start = number
+        continued = line.endswith("\\")
+        parts.append(line[:-1].strip() if continued else line)
+        if not continued:
+            keyword, _, arguments = " ".join(parts).partition(" ")
+            instructions.append(Instruction(keyword.upper(), arguments.strip(), start))
+            parts = []
+    if parts:
+        raise ValueError(f"line {start}: the last instruction ends with a backslash")
+    return instructions
