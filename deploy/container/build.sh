@@ -12,8 +12,9 @@
 #   IMAGE           the name to tag, default localhost/splicerelay:VERSION
 #   PYTHON          the Python that runs pip here, default python3
 #   PYTHON_VERSION  the image's Python, default 3.11 (that of the default BASE)
-# Options after the script name go to the build, e.g.
+# Options after the script name go to the build, after this script's own, e.g.
 #   --build-arg BASE=localhost/debian-python:bookworm
+# (`buildah bud --isolation chroot` refuses --network=none: add --network=host then.)
 set -eu
 cd "$(dirname "$0")/../.."
 
