@@ -1,0 +1,485 @@
+"""The control socket: a unix stream socket that only the relay's own user and root may use.
+
+`serve_control_socket` binds it (mode 0600 from the start), answers one command per line
+with one JSON reply (protocol/control.py), and removes the file when it ends. What a
+command does is the `handler`'s business; this module only keeps the socket safe to
+leave open: abuse of it must not change anything for the data path, which shares the
+event loop. Hence every connection is bounded:
+
+- its peer's uid (`SO_PEERCRED`) must be ours or root's, checked before reading a byte;
+- at most `max_clients` are served at a time; one more gets a "busy" reply and is closed
+  at once, so a flood costs one accept, one small send and one close per connection and
+  never holds an fd (waiting in the backlog instead would leave a `ctl` hanging with no
+  word of why);
+- a line is at most MAX_LINE_LENGTH bytes, so no connection holds more than that;
+- each complete line must arrive within `line_timeout` from when the previous reply was
+  sent (or from accept): a total deadline per line, so a client that trickles one byte
+  a second is cut off as surely as one that sends nothing;
+- a reply not taken within `write_timeout` (a client that never reads) closes it.
+
+The handler itself is not bounded here: a `reload` takes as long as the reload does,
+and the handler must bound its own waits (on workers, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+
+from splicerelay.ops.ratelimit import RateLimit
+from splicerelay.protocol.control import (
+    HELP,
+    MAX_LINE_LENGTH,
+    Command,
+    CommandError,
+    CommandFailed,
+    Help,
+    KillConnection,
+    Reload,
+    Reply,
+    SetUpstreamState,
+    SetUpstreamWeight,
+    encode_reply,
+    error_reply,
+    format_command,
+    ok_reply,
+    parse_command,
+)
+
+__all__ = [
+    "ControlLimits",
+    "ControlListener",
+    "ControlServer",
+    "ControlSocketError",
+    "ControlStatistics",
+    "Handler",
+    "bind_control_socket",
+    "peer_credentials",
+    "serve_control_socket",
+]
+
+log = logging.getLogger("splicerelay")
+
+Handler = Callable[[Command], Awaitable[object]]
+
+SOCKET_MODE = 0o600
+LISTEN_BACKLOG = 128
+# Accept errors that mean "out of a resource right now": wait and try again, as trio's
+# serve_listeners does, instead of ending the control socket.
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF = 0.1
+# struct ucred: pid_t pid; uid_t uid; gid_t gid (int, unsigned int, unsigned int).
+_UCRED = struct.Struct("iII")
+# Commands that change something are logged with who sent them.
+_CHANGES = (SetUpstreamState, SetUpstreamWeight, KillConnection, Reload)
+_LOG_INTERVAL = 60.0
+
+
+class ControlSocketError(Exception):
+    """The control socket cannot be had: a startup error, said for the operator."""
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """The bounds on each control connection (see the module docstring)."""
+
+    line_timeout: float = 10.0
+    write_timeout: float = 10.0
+    max_clients: int = 16
+
+
+@dataclass(frozen=True)
+class ControlStatistics:
+    """Counts since the socket was bound."""
+
+    clients: int  # being served now
+    peak_clients: int  # the most served at once
+    accepted: int  # every connection accepted, refused ones included
+    refused_peers: int  # a uid that is neither ours nor root
+    refused_busy: int  # max_clients were being served already
+    timed_out: int  # no complete line, or a reply not taken, in time
+    too_long: int  # a line over MAX_LINE_LENGTH
+    commands: int  # lines answered, errors included
+    internal_errors: int  # the handler raised something it should not have
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """Who is at the other end of a connected unix socket.
+
+    Why SO_PEERCRED: the kernel records the peer's pid and effective uid and gid when it
+    calls connect() (or socketpair()), so they say who opened the connection however the
+    fd was passed on later, and the peer cannot claim anything else. The ids are those of
+    our user namespace; a uid with no mapping in it reads as the overflow uid (65534)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+class ControlListener:
+    """The bound control socket, and the file it made; the one owner that closes both."""
+
+    def __init__(self, sock: socket.socket, path: str, identity: tuple[int, int]) -> None:
+        self.sock = sock
+        self.path = path
+        # (st_dev, st_ino) of the socket file as bind() made it. Why not fstat(sock):
+        # a socket fd's inode is the socket's own (in sockfs), not the file bind()
+        # created, so only lstat of the path right after bind() names that file.
+        self._identity = identity
+
+    def close(self) -> None:
+        """Close the socket and remove its file, if the file is still the one we made.
+
+        Why compare: by now the path may name another relay's socket (an operator
+        removed ours and started a new relay, or a restart bound it already after our
+        listener stopped answering). Removing that would cut the new relay off."""
+        if self.sock.fileno() < 0:
+            return
+        with contextlib.suppress(RuntimeError):  # outside trio: nothing registered
+            trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        try:
+            found = os.lstat(self.path)
+        except OSError:
+            return
+        if (found.st_dev, found.st_ino) == self._identity:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def bind_control_socket(path: str) -> ControlListener:
+    """Bind and listen at `path`, mode 0600; raise ControlSocketError if it cannot be had.
+
+    A socket file that nobody answers on (a crashed relay's) is replaced; one that a live
+    process answers on, and any file that is not a socket, is an error."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ControlSocketError(
+            f"cannot create the control socket {path}: the directory {parent} does not exist"
+        )
+    _remove_if_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Why fchmod before bind: Linux gives the file that bind() creates the mode of
+        # the socket's own inode, less the umask, so the file never exists with a wider
+        # mode, not even for a moment. (Connects would be refused until listen() anyway,
+        # but a file that is never wider needs no such argument.) os.umask() instead
+        # would change the mode of files that other threads create meanwhile.
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(path)
+        found = os.lstat(path)
+        mode = stat.S_IMODE(found.st_mode)
+        if mode & ~SOCKET_MODE:  # a kernel that ignores the socket inode's mode
+            os.unlink(path)
+            raise ControlSocketError(
+                f"cannot create the control socket {path} with mode 0600 (it got {mode:04o})"
+            )
+        if mode != SOCKET_MODE:
+            # A umask wider than 0177 can only have taken bits away (0400, say, and
+            # then our own user could not connect): give them back. Nothing widens here.
+            os.chmod(path, SOCKET_MODE)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ControlSocketError(
+            f"cannot create the control socket {path}: {error.strerror or error}"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return ControlListener(sock, path, (found.st_dev, found.st_ino))
+
+
+def _remove_if_stale(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ControlSocketError(
+            f"cannot use {path} as the control socket: {error.strerror}"
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise ControlSocketError(
+            f"cannot use {path} as the control socket: a file that is not a socket is there"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Why this means stale: connecting to a unix socket file that no process
+        # listens on fails at once with ECONNREFUSED. (Between this and bind() another
+        # relay could take the path; the later of the two then fails with EADDRINUSE.)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return  # removed since lstat
+    except BlockingIOError:
+        # Why this means alive: a unix connect only fails with EAGAIN when the
+        # listener's backlog is full, so something is listening.
+        pass
+    except OSError as error:
+        raise ControlSocketError(
+            f"cannot check whether the control socket {path} is in use: {error.strerror}"
+        ) from None
+    finally:
+        probe.close()
+    raise ControlSocketError(
+        f"the control socket {path} is in use by another running relay (it answers"
+        " connections); stop that relay first, or give this one another control.socket"
+    )
+
+
+class _LineTooLong(Exception):
+    pass
+
+
+class ControlServer:
+    """Serves a bound ControlListener: accepts, checks peers, answers commands."""
+
+    def __init__(
+        self,
+        listener: ControlListener,
+        handler: Handler,
+        limits: ControlLimits = ControlLimits(),
+        allowed_uids: frozenset[int] | None = None,
+    ) -> None:
+        self.listener = listener
+        self._handler = handler
+        self._limits = limits
+        # Why the effective uid: SO_PEERCRED reports the peer's effective uid, and the
+        # socket file belongs to ours.
+        self._allowed = allowed_uids if allowed_uids is not None else frozenset({os.geteuid(), 0})
+        self._log_limit: RateLimit[str] = RateLimit(_LOG_INTERVAL)
+        self._clients = 0
+        self._counts = dict.fromkeys(
+            (
+                "peak_clients",
+                "accepted",
+                "refused_peers",
+                "refused_busy",
+                "timed_out",
+                "too_long",
+                "commands",
+                "internal_errors",
+            ),
+            0,
+        )
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(clients=self._clients, **self._counts)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            task_status.started(self)
+            while True:
+                conn = await self._accept()
+                if conn is not None:
+                    self._admit(nursery, conn)
+
+    async def _accept(self) -> socket.socket | None:
+        sock = self.listener.sock
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            return None
+        except OSError as error:
+            if error.errno in _ACCEPT_RESOURCE_ERRORS:
+                self._warn("accept", "control socket: cannot accept: %s", error.strerror)
+                await trio.sleep(ACCEPT_BACKOFF)
+                return None
+            if error.errno == errno.ECONNABORTED:
+                return None
+            raise
+        await trio.lowlevel.checkpoint()  # a flood of connects must not starve the loop
+        conn.setblocking(False)
+        self._counts["accepted"] += 1
+        return conn
+
+    def _admit(self, nursery: trio.Nursery, conn: socket.socket) -> None:
+        try:
+            peer = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        if peer.uid not in self._allowed:
+            self._counts["refused_peers"] += 1
+            self._warn(
+                f"uid {peer.uid}",
+                "control socket: refused a connection from uid %d (pid %d): only uids %s may"
+                " use it",
+                peer.uid,
+                peer.pid,
+                ", ".join(map(str, sorted(self._allowed))),
+            )
+            _reply_and_close(
+                conn,
+                error_reply(f"permission denied: uid {peer.uid} may not use this control socket"),
+            )
+            return
+        if self._clients >= self._limits.max_clients:
+            self._counts["refused_busy"] += 1
+            self._warn("busy", "control socket: busy, refused a client (%d served)", self._clients)
+            _reply_and_close(
+                conn,
+                error_reply(f"busy: {self._clients} control clients are being served; try again"),
+            )
+            return
+        self._clients += 1
+        self._counts["peak_clients"] = max(self._counts["peak_clients"], self._clients)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        nursery.start_soon(self._serve_client, stream, peer)
+
+    async def _serve_client(self, stream: trio.SocketStream, peer: PeerCredentials) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                line: bytes | None = None
+                too_long = False
+                with trio.move_on_after(self._limits.line_timeout) as waiting:
+                    try:
+                        line = await _next_line(stream, buffer)
+                    except _LineTooLong:
+                        too_long = True
+                if too_long:
+                    self._counts["too_long"] += 1
+                    message = f"line too long: more than {MAX_LINE_LENGTH} bytes; closing"
+                    await self._send(stream, encode_reply(error_reply(message)))
+                    return
+                if waiting.cancelled_caught:
+                    self._counts["timed_out"] += 1
+                    message = f"no complete command within {self._limits.line_timeout:g}s; closing"
+                    await self._send(stream, encode_reply(error_reply(message)))
+                    return
+                if line is None:
+                    return
+                if not await self._send(stream, await self._answer(line, peer)):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            self._clients -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _answer(self, line: bytes, peer: PeerCredentials) -> bytes:
+        """The encoded reply to one line."""
+        self._counts["commands"] += 1
+        try:
+            command = parse_command(line)
+        except CommandError as error:
+            return encode_reply(error_reply(str(error)))
+        if isinstance(command, Help):
+            return encode_reply(ok_reply(list(HELP)))
+        if isinstance(command, _CHANGES):
+            log.info(
+                "control socket: %s (from pid %d, uid %d)",
+                format_command(command),
+                peer.pid,
+                peer.uid,
+            )
+        try:
+            # Data that is not JSON is the handler's bug too, so it is encoded in here.
+            return encode_reply(ok_reply(await self._handler(command)))
+        except CommandFailed as failure:
+            return encode_reply(error_reply(failure.message or "failed", failure.data))
+        except CommandError as failure:
+            return encode_reply(error_reply(str(failure)))
+        except Exception:
+            self._counts["internal_errors"] += 1
+            log.exception("control socket: the command %r failed", format_command(command))
+            return encode_reply(error_reply("internal error: the relay's log has the details"))
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
+        """Send one reply; False when the client did not take it in time."""
+        with trio.move_on_after(self._limits.write_timeout):
+            await stream.send_all(data)
+            return True
+        self._counts["timed_out"] += 1
+        return False
+
+    def _warn(self, key: str, message: str, *args: object) -> None:
+        held_back = self._log_limit.admit(key)
+        if held_back is None:
+            return
+        if held_back:
+            message += " (%d more like this not logged)"
+            args = (*args, held_back)
+        log.warning(message, *args)
+
+
+async def _next_line(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    """The next line, "\\n" included; at end of input the rest (if any), then None.
+
+    `buffer` keeps what came after the line for the next call; it never grows past
+    MAX_LINE_LENGTH, since we read no more than what a line may still need."""
+    while True:
+        end = buffer.find(b"\n", 0, MAX_LINE_LENGTH)
+        if end >= 0:
+            line = bytes(buffer[: end + 1])
+            del buffer[: end + 1]
+            return line
+        if len(buffer) >= MAX_LINE_LENGTH:
+            raise _LineTooLong
+        data = await stream.receive_some(MAX_LINE_LENGTH - len(buffer))
+        if not data:
+            if not buffer:
+                return None
+            line = bytes(buffer)
+            buffer.clear()
+            return line
+        buffer += data
+
+
+def _reply_and_close(conn: socket.socket, reply: Reply) -> None:
+    """Say why, without waiting, and close: a new socket's send buffer has room for one
+    short line, and a peer that is gone makes send fail, which changes nothing."""
+    with contextlib.suppress(OSError):
+        conn.send(encode_reply(reply), socket.MSG_NOSIGNAL)
+    conn.close()
+
+
+async def serve_control_socket(
+    path: str,
+    handler: Handler,
+    *,
+    limits: ControlLimits = ControlLimits(),
+    allowed_uids: frozenset[int] | None = None,
+    task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve the control socket at `path` until cancelled, then remove its file.
+
+    `nursery.start(serve_control_socket, path, handler)` returns the ControlServer once
+    the socket is bound and listening (its `statistics()`), or raises ControlSocketError
+    when the socket cannot be had. `handler` runs each command but `help`; it returns the
+    reply's data (JSON data) or raises CommandFailed for an error reply. Any other
+    exception becomes "internal error", logged with its traceback. `allowed_uids`
+    replaces "our effective uid and root", for tests."""
+    listener = bind_control_socket(path)
+    try:
+        server = ControlServer(listener, handler, limits, allowed_uids)
+        await server.serve(task_status=task_status)
+    finally:
+        listener.close()
