@@ -63,6 +63,7 @@ __all__ = [
     "ControlSocketError",
     "ControlStatistics",
     "Handler",
+    "PeerCredentials",
     "bind_control_socket",
     "peer_credentials",
     "serve_control_socket",
