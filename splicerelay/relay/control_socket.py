@@ -292,35 +292,32 @@ class ControlServer:
     async def serve(
         self, *, task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
+        sock = self.listener.sock
         async with trio.open_nursery() as nursery:
             task_status.started(self)
             while True:
-                conn = await self._accept()
-                if conn is not None:
-                    self._admit(nursery, conn)
-
-    async def _accept(self) -> socket.socket | None:
-        sock = self.listener.sock
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            return None
-        except OSError as error:
-            if error.errno in _ACCEPT_RESOURCE_ERRORS:
-                self._warn("accept", "control socket: cannot accept: %s", error.strerror)
-                await trio.sleep(ACCEPT_BACKOFF)
-                return None
-            if error.errno == errno.ECONNABORTED:
-                return None
-            raise
-        await trio.lowlevel.checkpoint()  # a flood of connects must not starve the loop
-        conn.setblocking(False)
-        self._counts["accepted"] += 1
-        return conn
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as error:
+                    if error.errno in _ACCEPT_RESOURCE_ERRORS:
+                        self._warn("accept", "control socket: cannot accept: %s", error.strerror)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    if error.errno == errno.ECONNABORTED:
+                        continue
+                    raise
+                self._counts["accepted"] += 1
+                self._admit(nursery, conn)  # owns conn from here, with no await before
+                # A flood of connects, always ready, must not starve the rest of the loop.
+                await trio.lowlevel.checkpoint()
 
     def _admit(self, nursery: trio.Nursery, conn: socket.socket) -> None:
+        """Refuse `conn`, or hand it to a task of its own; either way, it is not ours after."""
         try:
+            conn.setblocking(False)
             peer = peer_credentials(conn)
         except OSError:
             conn.close()
@@ -380,6 +377,11 @@ class ControlServer:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
+        except Exception:
+            # A bug here must end this one connection, not the control socket (nor the
+            # relay whose event loop it shares).
+            self._counts["internal_errors"] += 1
+            log.exception("control socket: a client's connection failed")
         finally:
             self._clients -= 1
             with trio.CancelScope(shield=True):
@@ -402,16 +404,23 @@ class ControlServer:
                 peer.uid,
             )
         try:
-            # Data that is not JSON is the handler's bug too, so it is encoded in here.
-            return encode_reply(ok_reply(await self._handler(command)))
+            reply = ok_reply(await self._handler(command))
         except CommandFailed as failure:
-            return encode_reply(error_reply(failure.message or "failed", failure.data))
+            reply = error_reply(failure.message or "failed", failure.data)
         except CommandError as failure:
-            return encode_reply(error_reply(str(failure)))
+            reply = error_reply(str(failure) or "refused")
         except Exception:
-            self._counts["internal_errors"] += 1
-            log.exception("control socket: the command %r failed", format_command(command))
-            return encode_reply(error_reply("internal error: the relay's log has the details"))
+            return self._internal_error(command, "failed")
+        try:
+            return encode_reply(reply)
+        except (TypeError, ValueError, RecursionError):
+            return self._internal_error(command, "answered with data that is not JSON")
+
+    def _internal_error(self, command: Command, what: str) -> bytes:
+        """The relay's own bug: logged with its traceback, never a peer's doing."""
+        self._counts["internal_errors"] += 1
+        log.exception("control socket: the command %r %s", format_command(command), what)
+        return encode_reply(error_reply("internal error: the relay's log has the details"))
 
     async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
         """Send one reply; False when the client did not take it in time."""

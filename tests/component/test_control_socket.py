@@ -32,6 +32,7 @@ from splicerelay.protocol.control import (
     KillConnection,
     Reload,
     Reply,
+    ShowConnections,
     ShowInfo,
     ShowRoutes,
     ShowUpstreams,
@@ -477,6 +478,8 @@ async def test_handler_errors_become_error_replies_and_the_server_goes_on(
                 raise RuntimeError("a bug in the handler")
             case ShowRoutes():
                 return {"not json": object()}
+            case ShowConnections():
+                raise CommandFailed("refused, with data that is not JSON", {1.5j})
             case Reload():
                 raise CommandError("refused by the handler")
             case _:
@@ -487,13 +490,15 @@ async def test_handler_errors_become_error_replies_and_the_server_goes_on(
         async with serving(path, handler) as server:
             replies = await ask(
                 path,
-                b"show upstreams nope\nkill connection 7\nshow routes\nreload\nshow info\n",
+                b"show upstreams nope\nkill connection 7\nshow routes\nshow connections\n"
+                b"reload\nshow info\n",
             )
-            assert server.statistics().internal_errors == 2
+            assert server.statistics().internal_errors == 3
             assert await ask(path, b"show info\n") == [ok_reply("fine")]
     internal = error_reply("internal error: the relay's log has the details")
     assert replies == [
         error_reply("no route 'nope'; the routes are: web", {"routes": ["web"]}),
+        internal,
         internal,
         internal,
         error_reply("refused by the handler"),
@@ -502,7 +507,8 @@ async def test_handler_errors_become_error_replies_and_the_server_goes_on(
     failures = [record for record in caplog.records if record.exc_info]
     assert [record.getMessage() for record in failures] == [
         "control socket: the command 'kill connection 7' failed",
-        "control socket: the command 'show routes' failed",
+        "control socket: the command 'show routes' answered with data that is not JSON",
+        "control socket: the command 'show connections' answered with data that is not JSON",
     ]
     changes = [record.getMessage() for record in caplog.records if not record.exc_info]
     assert changes == [
