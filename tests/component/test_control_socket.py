@@ -401,7 +401,10 @@ async def test_100_clients_at_once_are_bounded_and_the_loop_stays_free(path: str
 
 
 async def test_accept_out_of_fds_backs_off_and_goes_on(
-    path: str, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    path: str,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class OutOfFds:
         """The listener, with accept failing EMFILE the first `failures` times."""
@@ -422,7 +425,7 @@ async def test_accept_out_of_fds_backs_off_and_goes_on(
     real = listener.sock
     listener.sock = OutOfFds(real, failures=3)  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="splicerelay"):
-        logging.getLogger("splicerelay").propagate = True
+        monkeypatch.setattr(logging.getLogger("splicerelay"), "propagate", True)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(ControlServer(listener, Recorder()).serve)
@@ -441,11 +444,14 @@ async def test_accept_out_of_fds_backs_off_and_goes_on(
 
 
 async def test_a_uid_not_allowed_is_refused_before_anything_is_read(
-    path: str, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    path: str,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recorder = Recorder()
     other = frozenset({os.geteuid() + 1})
-    logging.getLogger("splicerelay").propagate = True
+    monkeypatch.setattr(logging.getLogger("splicerelay"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="splicerelay"):
         async with serving(path, recorder, allowed_uids=other) as server:
             start = trio.current_time()
@@ -468,7 +474,7 @@ async def test_a_uid_not_allowed_is_refused_before_anything_is_read(
 
 
 async def test_handler_errors_become_error_replies_and_the_server_goes_on(
-    path: str, caplog: pytest.LogCaptureFixture
+    path: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def handler(command: Command) -> object:
         match command:
@@ -485,7 +491,7 @@ async def test_handler_errors_become_error_replies_and_the_server_goes_on(
             case _:
                 return "fine"
 
-    logging.getLogger("splicerelay").propagate = True
+    monkeypatch.setattr(logging.getLogger("splicerelay"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="splicerelay"):
         async with serving(path, handler) as server:
             replies = await ask(
