@@ -223,6 +223,9 @@ SERVICE_SETTINGS = {
     "ProtectProc": "invisible",
     "UMask": "0077",
     "ConfigurationDirectory": "splicerelay",
+    # The control socket's directory, made for the dynamic user (see the next test).
+    "RuntimeDirectory": "splicerelay",
+    "RuntimeDirectoryMode": "0700",
     "LimitNOFILE": "1048576",
 }
 
@@ -231,9 +234,33 @@ def test_service_unit_has_the_documented_settings() -> None:
     for key, expected in SERVICE_SETTINGS.items():
         assert unit_value(SERVICE_UNIT, "Service", key) == expected, key
     assert "@system-service" in unit_values(SERVICE_UNIT, "Service", "SystemCallFilter")
-    reload_command = unit_value(SERVICE_UNIT, "Service", "ExecReload")
-    assert re.fullmatch(r"(/usr)?(/bin/)?kill -HUP \$MAINPID", reload_command)
     assert unit_value(SERVICE_UNIT, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_service_reloads_with_the_relay_itself() -> None:
+    """`systemctl reload` runs `splicerelay reload` on the file ExecStart runs with: it
+    waits for the outcome and fails on a refused config. No signal sent by another
+    binary (/bin/kill is missing from minimal systems, and a signal cannot say whether
+    the config was taken)."""
+    start = unit_value(SERVICE_UNIT, "Service", "ExecStart").split()
+    reload_command = unit_value(SERVICE_UNIT, "Service", "ExecReload").split()
+    assert reload_command[0] == start[0], "the same splicerelay as ExecStart"
+    assert reload_command[1] == "reload"
+    assert reload_command[reload_command.index("-c") + 1] == start[start.index("-c") + 1]
+    assert not any("kill" in word or "MAINPID" in word for word in reload_command)
+    # Type=notify-reload would send SIGHUP and report a refused config as a success.
+    assert unit_value(SERVICE_UNIT, "Service", "Type") == "notify"
+
+
+def test_service_control_socket_lives_in_its_runtime_directory() -> None:
+    """The relay's default control socket is $RUNTIME_DIRECTORY/control.sock: the unit must
+    give it that directory, owned by the dynamic user (only RuntimeDirectory= can: the
+    rest of the file system is read-only to the service), and keep it from others."""
+    (directory,) = unit_value(SERVICE_UNIT, "Service", "RuntimeDirectory").split()
+    assert directory == "splicerelay"
+    assert int(unit_value(SERVICE_UNIT, "Service", "RuntimeDirectoryMode"), 8) & 0o077 == 0
+    # No `control.socket:` in the shipped config moves the socket elsewhere.
+    assert example_config().control.socket == "auto"
 
 
 def test_service_stop_timeout_leaves_room_for_the_drain() -> None:
@@ -255,21 +282,21 @@ def test_socket_unit_serves_a_route_of_the_example_config_where_it_says() -> Non
 
 
 def runnable_units(directory: Path) -> list[Path]:
-    """Copies of both units whose ExecStart names an executable that exists here.
+    """Copies of both units whose ExecStart and ExecReload name an executable that exists.
 
-    Why: `systemd-analyze verify` fails a unit whose ExecStart binary is missing, and
+    Why: `systemd-analyze verify` fails a unit whose Exec*= binary is missing, and
     /usr/local/bin/splicerelay is where operators install it, not where the tests run.
     The venv's own console script stands in for it when there is one, /bin/true if not.
     """
     script = Path(sys.prefix) / "bin" / "splicerelay"
     executable = str(script) if script.is_file() else shutil.which("true") or "/bin/true"
     service = directory / SERVICE_UNIT.name
-    service.write_text(
-        SERVICE_UNIT.read_text().replace(
-            "ExecStart=/usr/local/bin/splicerelay ", f"ExecStart={executable} "
-        )
-    )
+    text = SERVICE_UNIT.read_text()
+    for key in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{key}=/usr/local/bin/splicerelay ", f"{key}={executable} ")
+    service.write_text(text)
     assert f"ExecStart={executable} run" in service.read_text()
+    assert f"ExecReload={executable} reload" in service.read_text()
     socket_unit = directory / SOCKET_UNIT.name
     shutil.copyfile(SOCKET_UNIT, socket_unit)
     return [service, socket_unit]
