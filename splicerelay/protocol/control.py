@@ -24,7 +24,9 @@ drive by hand with `socat` or `nc -U`:
   closes the upstream's open connections.
 - `set upstream ROUTE ADDRESS weight N`: N from 1 to 1000. (To stop new connections,
   use `state drain`.)
-- `kill connection ID`: close one connection; ID as `show connections` shows it.
+- `kill connection ID`: close one connection; ID as `show connections` shows it: a
+  number, or `SLOT:NUMBER` when the relay runs workers (the worker's slot, then the
+  connection's number within that worker).
 - `reload`: load the config file again, as SIGHUP does, and answer how it went.
 
 ROUTE and ADDRESS are written as `show routes` and `show upstreams` print them.
@@ -86,6 +88,7 @@ __all__ = [
     "MAX_LINE_LENGTH",
     "MAX_LIST_LIMIT",
     "MAX_REPLY_LENGTH",
+    "MAX_SLOT",
     "MAX_WEIGHT",
     "MIN_WEIGHT",
     "AdminState",
@@ -124,6 +127,9 @@ MAX_WEIGHT: Final = 1000
 # `show connections --limit N`: at least one, and no more than a relay could hold.
 MAX_LIST_LIMIT: Final = 10_000_000
 MAX_CONNECTION_ID: Final = (1 << 63) - 1
+# A worker's slot in `kill connection SLOT:ID`: 0 .. workers-1, and workers is at most
+# config.model's MAX_WORKERS (1024); the bound here only keeps the number small.
+MAX_SLOT: Final = 1 << 16
 
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
 _QUOTE_MAX = 60
@@ -252,12 +258,23 @@ class SetUpstreamWeight:
 
 @dataclass(frozen=True)
 class KillConnection:
-    """`kill connection ID`"""
+    """`kill connection ID`, ID being `NUMBER` or, with workers, `SLOT:NUMBER`.
+
+    `slot` is None for a plain number (a relay without workers); with workers, each
+    worker numbers its own connections, so the slot says whose number it is."""
 
     id: int
+    slot: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.id, "ID", 0, MAX_CONNECTION_ID)
+        if self.slot is not None:
+            _check_int(self.slot, "SLOT", 0, MAX_SLOT)
+
+    @property
+    def label(self) -> str:
+        """The ID as `show connections` prints it and the command line takes it."""
+        return str(self.id) if self.slot is None else f"{self.slot}:{self.id}"
 
 
 @dataclass(frozen=True)
@@ -484,7 +501,13 @@ def _kill_connection(words: Sequence[str]) -> Command:
     usage = _USAGE[KillConnection]
     parsed = _Words(words, usage, {})
     [word] = parsed.expect(1, 1)
-    return KillConnection(parsed.integer(word, "ID", 0, MAX_CONNECTION_ID))
+    slot_word, colon, number = word.rpartition(":")
+    if not colon:
+        return KillConnection(parsed.integer(word, "ID", 0, MAX_CONNECTION_ID))
+    if not _DIGITS.fullmatch(slot_word) or not _DIGITS.fullmatch(number):
+        parsed.fail(f"ID must be a number or SLOT:NUMBER, not {_quote(word)}")
+    slot = parsed.integer(slot_word, "SLOT", 0, MAX_SLOT)
+    return KillConnection(parsed.integer(number, "ID", 0, MAX_CONNECTION_ID), slot)
 
 
 _PARSERS: Final[dict[str, Callable[[Sequence[str]], Command]]] = {
@@ -522,7 +545,7 @@ def format_command(command: Command) -> str:
             return line + " --kill-connections" if kill else line
         case SetUpstreamWeight(route=route, address=address, weight=weight):
             return f"set upstream {route} {address} weight {weight}"
-        case KillConnection(id=number):
-            return f"kill connection {number}"
+        case KillConnection() as kill:
+            return f"kill connection {kill.label}"
         case Reload():
             return "reload"
