@@ -198,7 +198,9 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 FinishCallback = Callable[["Session", Outcome], None]
 
 # Outcomes where the relay itself ends a connection that might still carry bytes.
-CUT_OUTCOMES = frozenset({Outcome.IDLE_TIMEOUT, Outcome.MAX_DURATION, Outcome.SHUTDOWN})
+CUT_OUTCOMES = frozenset(
+    {Outcome.IDLE_TIMEOUT, Outcome.MAX_DURATION, Outcome.SHUTDOWN, Outcome.KILLED}
+)
 # Outcomes after which a side gets a reset instead of a FIN: the other side failed, or
 # the relay itself did (internal_error), when bytes may have been lost and a FIN would
 # make the stream look complete.

@@ -22,6 +22,9 @@ class Outcome(StrEnum):
     PROXY_UNTRUSTED = "proxy_untrusted"
     MAX_DURATION = "max_duration"  # open for longer than max_duration
     SOURCE_LIMIT = "source_limit"  # the client address already holds its maximum
+    # Closed by an operator over the control socket: `kill connection ID`, or
+    # `set upstream ... state maint --kill-connections` for the upstream's connections.
+    KILLED = "killed"
     # The relay's own bug (an exception it did not expect while setting a connection up
     # or relaying it), logged with its traceback; never a peer's doing. Both sides get a
     # reset, since bytes may have been lost. Any count here is a bug worth reporting.
