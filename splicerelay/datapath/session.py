@@ -227,6 +227,7 @@ class Session:
         "cut_client",
         "cut_upstream",
         "global_slot",
+        "id",
         "idle_since",
         "inbound",
         "on_finish",
@@ -244,7 +245,10 @@ class Session:
         "upstream_stats",
     )
 
-    def __init__(self, client: _socket.socket, client_address: str) -> None:
+    def __init__(self, client: _socket.socket, client_address: str, session_id: int = 0) -> None:
+        # Names the connection on the control socket (`show connections`, `kill
+        # connection ID`): unique within the process, never reused.
+        self.id = session_id
         self.client = client
         self.client_address = client_address
         self.upstream: _socket.socket | None = None
@@ -253,6 +257,8 @@ class Session:
         self.started = trio.current_time()  # trio's clock, like the idle sweep's
         # The idle sweeper compares the bytes moved between sweeps, so noticing activity
         # costs an integer add per chunk rather than a timer per I/O call.
+        # `idle_since` is when the sweeper last saw the count move (or the start): while
+        # `activity` still equals `seen_activity`, no byte has moved since then.
         self.seen_activity = 0
         self.idle_since = self.started
         # Only a session that waits in a task (for a PROXY header) gets a cancel scope.

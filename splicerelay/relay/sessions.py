@@ -9,6 +9,7 @@ sockets and gives back what the connection held (its slots and its per-source co
 from __future__ import annotations
 
 import _socket
+import itertools
 from collections.abc import Callable
 
 import trio
@@ -25,10 +26,13 @@ class SessionTable:
     """Open connections, each with the route runtime it came in on.
 
     `connecting` holds the connection attempts in progress, for the connect timer.
+    Each connection gets the next number of a per-process counter as its id (from 1,
+    never reused), which the control socket shows and `kill connection` takes.
     """
 
     def __init__(self, access: AccessLogger | None = None) -> None:
         self.sessions: dict[Session, RouteRuntime] = {}
+        self._ids = itertools.count(1)
         self.connecting: set[Connector] = set()
         self._access = access
         self._all_done = trio.Event()
@@ -50,7 +54,7 @@ class SessionTable:
         both are given back in `finish`.
         """
         endpoint = endpoint_of(family, peer)
-        session = Session(client, format_endpoint(endpoint))
+        session = Session(client, format_endpoint(endpoint), next(self._ids))
         self.sessions[session] = runtime
         runtime.stats.active += 1
         session.owner = runtime
@@ -88,6 +92,13 @@ class SessionTable:
             self._all_done.set()
         if self._access is not None:
             self._access(runtime, session, outcome)
+
+    def find(self, session_id: int) -> Session | None:
+        """The open connection with this id, if any (a scan: for the control socket)."""
+        for session in self.sessions:
+            if session.id == session_id:
+                return session
+        return None
 
     def stop_all(self, outcome: Outcome) -> None:
         """Cut every open connection now."""
