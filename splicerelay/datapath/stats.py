@@ -87,6 +87,10 @@ class UpstreamStats:
     label: str
     up: bool = True
     active: int = 0
+    # What the operator set (relay/admin.py): "ready", "drain" or "maint", and the
+    # weight the balancer uses.
+    admin_state: str = "ready"
+    weight: int = 1
     connect_seconds: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
 
 

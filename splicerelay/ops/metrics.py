@@ -33,6 +33,11 @@ from splicerelay.protocol.outcome import Outcome
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 PATHS = ("splice", "copy")
+# The operator's admin states of an upstream (protocol/control.py's AdminState): one
+# 0/1 series each, so that `== 1` selects an upstream in a state and the series never
+# change their label values (a state label that changed value would end one series and
+# start another, and `for: 1h` would forget how long the upstream had been there).
+ADMIN_STATES = ("ready", "drain", "maint")
 
 
 class RelayCollector(Collector):
@@ -157,15 +162,32 @@ class RelayCollector(Collector):
             "Time to establish a connection to the upstream.",
             labels=["route", "upstream"],
         )
+        admin = GaugeMetricFamily(
+            "splicerelay_upstream_admin_state",
+            "1 for the admin state an operator set on the upstream (ready, drain or maint), "
+            "0 for the others; drain and maint take no new connections.",
+            labels=["route", "upstream", "state"],
+        )
+        weight = GaugeMetricFamily(
+            "splicerelay_upstream_weight",
+            "The upstream's weight for new connections: the configured one, or the operator's.",
+            labels=["route", "upstream"],
+        )
         for route in routes:
             for upstream in list(route.upstreams.values()):
                 labels = [route.name, upstream.label]
                 up.add_metric(labels, 1 if upstream.up else 0)
                 active.add_metric(labels, upstream.active)
                 add_histogram(connect_time, labels, upstream.connect_seconds)
+                state = upstream.admin_state
+                for name in ADMIN_STATES:
+                    admin.add_metric([*labels, name], 1 if name == state else 0)
+                weight.add_metric(labels, upstream.weight)
         yield up
         yield active
         yield connect_time
+        yield admin
+        yield weight
 
 
 def reload_state_families(successful: bool, timestamp: float) -> Iterator[Metric]:

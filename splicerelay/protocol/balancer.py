@@ -12,6 +12,11 @@ Four strategies, built by `make_strategy`:
 - ``random``: power of two random choices, weighted.
 - ``source_hash``: weighted rendezvous hashing of the client address against each
   upstream's name, so a client keeps its upstream across restarts and config edits.
+
+An operator's admin state (`ready`, `drain`, `maint`) reaches the strategies through the
+same `up` flags as health: `available` folds the two together, so a drained upstream is
+left out exactly as a down one is, whatever the strategy. A weight set by the operator
+is a new strategy built with `make_strategy`, as a changed member list is.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
+from splicerelay.protocol.control import AdminState
+
 __all__ = [
     "STRATEGIES",
+    "AdminState",
     "HealthState",
     "LeastConnections",
     "PowerOfTwoChoices",
@@ -31,7 +39,9 @@ __all__ = [
     "SmoothRoundRobin",
     "SourceHash",
     "Strategy",
+    "available",
     "make_strategy",
+    "takes_new_connections",
 ]
 
 STRATEGIES: tuple[str, ...] = ("round_robin", "least_connections", "random", "source_hash")
@@ -101,6 +111,26 @@ class HealthState:
             f"HealthState({state}, rise={self._rise}, fall={self._fall}, "
             f"successes={self._successes}, failures={self._failures})"
         )
+
+
+# ----- admin state ----------------------------------------------------------------------
+
+
+def takes_new_connections(up: bool, admin: AdminState) -> bool:
+    """Whether an upstream may be chosen for a new connection: its health says it is up,
+    and the operator has it `ready`.
+
+    `drain` and `maint` differ only in what else stops (maint also stops the health
+    checks): to a strategy both are "not up". Open connections are none of its business.
+    """
+    return up and admin is AdminState.READY
+
+
+def available(up: Sequence[bool], admin: Sequence[AdminState]) -> list[bool]:
+    """The `up` flags to give a strategy: `takes_new_connections` of each upstream."""
+    if len(up) != len(admin):
+        raise ValueError(f"{len(up)} up flags for {len(admin)} admin states")
+    return [flag and state is AdminState.READY for flag, state in zip(up, admin, strict=True)]
 
 
 # ----- strategies ---------------------------------------------------------------------

@@ -3,7 +3,9 @@
 `Relay` puts the parts together: admission (the accept loops and their limits, in
 admission.py), connection setup (connection_setup.py) and the table of open connections
 (sessions.py), the timers (timers.py) and the shared reactor that relays every
-established connection without a task of its own.
+established connection without a task of its own. The operator's admin settings on
+upstreams (admin_store.py) belong to the relay, not to a route's runtime, so that a reload
+hands them to the new routes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from splicerelay.datapath.flow import PipePool, close_socket
 from splicerelay.datapath.reactor import Reactor
 from splicerelay.datapath.stats import RelayStats
 from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.admin_store import AdminStore
 from splicerelay.relay.admission import Admission, count_open_fds
 from splicerelay.relay.connection_setup import ConnectionSetup
 from splicerelay.relay.listeners import ListenerSet
@@ -39,7 +42,8 @@ class Relay:
 
     `reload()` swaps in the routes of a new config while running: new routes start,
     removed ones stop accepting, changed ones apply to new connections, and every
-    established connection carries on untouched.
+    established connection carries on untouched. Upstreams keep the admin state and
+    weight the operator set (`admin`), while their route and address stay configured.
 
     `fd_limit` and `count_fds` replace the process's open-file limit and fd count for
     the fd-headroom check (tests); by default they come from the process.
@@ -77,6 +81,14 @@ class Relay:
         )
         self._stop_requested = trio.Event()
         self._route_nursery: trio.Nursery | None = None
+        self.admin = AdminStore()
+        self.apply_admin(runtimes)
+
+    def apply_admin(self, runtimes: list[RouteRuntime]) -> None:
+        """Give `runtimes` the relay's admin store and their members its settings."""
+        for runtime in runtimes:
+            runtime.admin = self.admin
+            runtime.apply_admin()
 
     @property
     def use_splice(self) -> bool:
@@ -153,6 +165,12 @@ class Relay:
         if config.max_connections != self.config.max_connections:
             self.admission.set_global_limit(config.max_connections)
         forget_removed_upstreams(runtimes)
+        for route, address in self.admin.prune(config):
+            log.info(
+                "admin setting dropped: no longer in the config",
+                extra={"fields": {"route": route, "upstream": address}},
+            )
+        self.apply_admin(runtimes)
         self.config = config
         self.runtimes = runtimes
         for runtime in runtimes:

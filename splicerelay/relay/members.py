@@ -5,8 +5,9 @@ so the event loop never waits on DNS. When a name's addresses change, the route 
 new member list and a new strategy for it, in one step between two checkpoints: a
 connection being set up keeps the list it was given (the connector holds it), members
 that stay keep their health, counters and connections, new members start up (as at
-load) with a health check of their own, and removed members' checks stop. A lookup that
-fails keeps the name's last good members.
+load) with a health check of their own and the operator's settings for their address
+(relay/admin_store.py), and removed members' checks stop. A lookup that fails keeps the
+name's last good members.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from splicerelay.config import HealthCheck
 from splicerelay.config.addresses import TcpAddress
 from splicerelay.datapath.session import UpstreamTarget
 from splicerelay.datapath.stats import RouteStats
-from splicerelay.protocol.balancer import make_strategy
 from splicerelay.protocol.membership import chosen_addresses, merge_members
 from splicerelay.relay.routes import RouteRuntime
 from splicerelay.relay.upstreams import (
@@ -103,6 +103,7 @@ def refresh_members(runtime: RouteRuntime, answers: dict[int, list[UpstreamTarge
     route's members; True if the members changed. Slots without an answer keep theirs."""
     route = runtime.route
     members: list[UpstreamRuntime] = []
+    added: list[UpstreamRuntime] = []
     changed = False
     for slot, upstream in enumerate(route.upstreams):
         current = [member for member in runtime.upstreams if member.slot == slot]
@@ -132,18 +133,14 @@ def refresh_members(runtime: RouteRuntime, answers: dict[int, list[UpstreamTarge
             member = by_target.get(target)
             if member is None:
                 member = new_member(
-                    upstream, slot, target, route.health_check, runtime.stats.upstream
+                    upstream, slot, target, route.health_check, runtime.stats.upstream, route.name
                 )
+                added.append(member)
             members.append(member)
     if changed:
-        # Both at once, with no checkpoint between: attempt_order indexes the list
-        # with the strategy's answer.
-        runtime.strategy = make_strategy(
-            route.balance,
-            [member.label for member in members],
-            [member.config.weight for member in members],
-        )
-        runtime.upstreams = members
+        # A new member of a drained name is drained too, before it can be chosen.
+        runtime.admin.apply(route.name, added)
+        runtime.set_members(members)
     return changed
 
 

@@ -16,6 +16,7 @@ import trio
 from splicerelay.config import Config, Route
 from splicerelay.datapath.stats import RelayStats, RouteStats
 from splicerelay.protocol.balancer import Strategy, make_strategy
+from splicerelay.relay.admin_store import AdminStore
 from splicerelay.relay.listeners import ListenError, ListenerSet
 from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, make_upstreams
 
@@ -87,7 +88,11 @@ def is_trusted(route: Route, peer: Endpoint | None) -> bool:
 
 @dataclass(eq=False)
 class RouteRuntime:
-    """A route while it runs: its listener, upstreams, strategy, limit and sessions."""
+    """A route while it runs: its listener, upstreams, strategy, limit and sessions.
+
+    `admin` holds the operator's settings for the route's members (the relay's store,
+    shared by every route; applied to members as they come, e.g. by a DNS refresh).
+    """
 
     route: Route
     listener: socket.socket
@@ -100,16 +105,39 @@ class RouteRuntime:
     # Cancels this runtime's accept loop and upstream tasks (on reload or shutdown);
     # its sessions live on in the relay's session nursery.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    admin: AdminStore = field(default_factory=AdminStore)
 
     def attempt_order(self, client_ip: str | None) -> list[int]:
         upstreams = self.upstreams
+        # Drained and maint members are left out as down ones are (balancer.available).
         order = self.strategy.attempt_order(
             client_ip,
-            [upstream.health.up for upstream in upstreams],
+            [upstream.takes_new_connections for upstream in upstreams],
             [upstream.stats.active for upstream in upstreams],
         )
         limit = self.route.max_connect_attempts
         return order[:limit] if limit else order
+
+    def set_members(self, members: list[UpstreamRuntime]) -> None:
+        """Balance over `members` from now on, with their weights as they are now.
+
+        The strategy and the list change together, with no checkpoint between:
+        attempt_order indexes the list with the strategy's answer.
+        """
+        self.strategy = strategy_for(self.route, members)
+        self.upstreams = members
+
+    def apply_admin(self) -> None:
+        """Give every member the operator's settings from `admin` (see admin_store.py)."""
+        if self.admin.apply(self.route.name, self.upstreams):
+            self.set_members(self.upstreams)
+
+
+def strategy_for(route: Route, members: Sequence[UpstreamRuntime]) -> Strategy:
+    """A fresh strategy of the route's kind over `members` and their current weights."""
+    return make_strategy(
+        route.balance, [member.label for member in members], [member.weight for member in members]
+    )
 
 
 def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) -> list[RouteRuntime]:
@@ -125,7 +153,7 @@ def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) ->
             route_stats = stats.route(route.name)
             try:
                 upstreams = make_upstreams(
-                    route.upstreams, route.health_check, route_stats.upstream
+                    route.upstreams, route.health_check, route_stats.upstream, route=route.name
                 )
                 listener = listeners.take(route.name, route.listen)
             except (ListenError, ResolveError) as error:
@@ -139,11 +167,7 @@ def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) ->
                     route=route,
                     listener=listener,
                     upstreams=upstreams,
-                    strategy=make_strategy(
-                        route.balance,
-                        [upstream.label for upstream in upstreams],
-                        [upstream.config.weight for upstream in upstreams],
-                    ),
+                    strategy=strategy_for(route, upstreams),
                     stats=route_stats,
                     slots=trio.Semaphore(route.max_connections),
                 )

@@ -5,7 +5,7 @@ must see one relay. The supervisor parses each worker's exposition text, and a s
 with the same name and labels in several workers becomes one sample holding their sum:
 counters, gauges such as connections_active, histogram buckets, sums and counts all add
 up. A few gauges state a fact rather than an amount (the running version, whether an
-upstream is up); for those the largest value wins. The limit gauges
+upstream is up, its admin state and weight); for those the largest value wins. The limit gauges
 (splicerelay_max_connections and _global) add up too, on purpose: every worker enforces
 the limits on its own, so their sum is what the relay as a whole admits, and
 connections_active (summed) divided by it is how full the relay is.
@@ -24,7 +24,14 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 # Gauges that are the same fact in every worker: merged with max(), not added up.
-TAKE_MAX = frozenset({"splicerelay_build_info", "splicerelay_upstream_up"})
+TAKE_MAX = frozenset(
+    {
+        "splicerelay_build_info",
+        "splicerelay_upstream_up",
+        "splicerelay_upstream_admin_state",
+        "splicerelay_upstream_weight",
+    }
+)
 # Family types whose samples only grow while a process lives: what a dead worker leaves.
 CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
 

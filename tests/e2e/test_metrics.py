@@ -51,6 +51,8 @@ EXPECTED_FAMILIES = {
     "splicerelay_upstream_up": "gauge",
     "splicerelay_upstream_connections_active": "gauge",
     "splicerelay_upstream_connect_duration_seconds": "histogram",
+    "splicerelay_upstream_admin_state": "gauge",
+    "splicerelay_upstream_weight": "gauge",
     "splicerelay_connection_duration_seconds": "histogram",
     "splicerelay_limit_wait_seconds_total": "counter",
     "splicerelay_global_limit_wait_seconds_total": "counter",
