@@ -136,12 +136,13 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 class ControlListener:
     """The bound control socket, and the file it made; the one owner that closes both."""
 
-    def __init__(self, sock: socket.socket, path: str, identity: tuple[int, int]) -> None:
+    def __init__(self, sock: socket.socket, path: str, identity: tuple[int, int] | None) -> None:
         self.sock = sock
         self.path = path
         # (st_dev, st_ino) of the socket file as bind() made it. Why not fstat(sock):
         # a socket fd's inode is the socket's own (in sockfs), not the file bind()
         # created, so only lstat of the path right after bind() names that file.
+        # None: a name in the abstract namespace, which has no file.
         self._identity = identity
 
     def close(self) -> None:
@@ -155,6 +156,8 @@ class ControlListener:
         with contextlib.suppress(RuntimeError):  # outside trio: nothing registered
             trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+        if self._identity is None:
+            return
         try:
             found = os.lstat(self.path)
         except OSError:
@@ -168,7 +171,14 @@ def bind_control_socket(path: str) -> ControlListener:
     """Bind and listen at `path`, mode 0600; raise ControlSocketError if it cannot be had.
 
     A socket file that nobody answers on (a crashed relay's) is replaced; one that a live
-    process answers on, and any file that is not a socket, is an error."""
+    process answers on, and any file that is not a socket, is an error.
+
+    A `path` starting with a NUL byte is a name in the abstract namespace (a supervisor's
+    private socket to a worker, when it has no directory for one: see
+    workers/rendezvous.py); it has no file, hence no mode, and SO_PEERCRED alone decides
+    who may use it."""
+    if path.startswith("\0"):
+        return _bind_abstract(path)
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise ControlSocketError(
@@ -206,6 +216,22 @@ def bind_control_socket(path: str) -> ControlListener:
         sock.close()
         raise
     return ControlListener(sock, path, (found.st_dev, found.st_ino))
+
+
+def _bind_abstract(path: str) -> ControlListener:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Why no stale check: an abstract name vanishes with the last socket bound to
+        # it, so EADDRINUSE here always means a live socket holds it.
+        sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ControlSocketError(
+            f"cannot create the control socket {path!r}: {error.strerror or error}"
+        ) from None
+    return ControlListener(sock, path, None)
 
 
 def _remove_if_stale(path: str) -> None:

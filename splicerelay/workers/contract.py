@@ -2,7 +2,8 @@
 
 The supervisor (supervisor.py) starts each worker as `splicerelay run -c
 /proc/self/fd/N` with one environment variable, SPLICERELAY_WORKER, holding JSON: the
-worker's slot, where to serve its private /metrics, the supervisor's pid, the listening
+worker's slot, where to serve its private /metrics and its private control socket, the
+supervisor's pid, the listening
 sockets it inherits, and N, the inherited memfd that holds its config (config_copy.py).
 Nothing of this needs a writable file system.
 
@@ -53,8 +54,16 @@ class WorkerSetup:
     slot: int  # 0 .. workers-1; a restarted worker takes the slot of the one it replaces
     supervisor_pid: int
     metrics_path: str  # unix socket for this worker's /metrics, /readyz (may be abstract)
+    # Unix socket for this worker's control socket, which only its supervisor uses (may
+    # be abstract). The worker never serves the configured control.socket: that one is
+    # the supervisor's, which answers for all workers (workers/control.py).
+    control_path: str
     sockets: tuple[InheritedSocket, ...]
     config_fd: int  # the memfd holding the config, read as /proc/self/fd/N
+    # The upstreams' admin states the other workers hold (relay/admin.admin_snapshot's
+    # rows), to take before serving: a restarted worker must not send a connection to
+    # an upstream an operator drained (admin_memory.py).
+    admin: tuple[dict[str, object], ...] = ()
 
 
 def encode(setup: WorkerSetup) -> str:
@@ -63,8 +72,10 @@ def encode(setup: WorkerSetup) -> str:
             "slot": setup.slot,
             "supervisor_pid": setup.supervisor_pid,
             "metrics_path": setup.metrics_path,
+            "control_path": setup.control_path,
             "sockets": [[item.fd, item.name, item.kept] for item in setup.sockets],
             "config_fd": setup.config_fd,
+            "admin": list(setup.admin),
         }
     )
 
@@ -77,14 +88,22 @@ def decode(text: str) -> WorkerSetup:
             slot=int(data["slot"]),
             supervisor_pid=int(data["supervisor_pid"]),
             metrics_path=str(data["metrics_path"]),
+            control_path=str(data["control_path"]),
             sockets=tuple(
                 InheritedSocket(int(fd), str(name), bool(kept))
                 for fd, name, kept in data["sockets"]
             ),
             config_fd=int(data["config_fd"]),
+            admin=tuple(_admin_rows(data.get("admin", []))),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{WORKER_ENV}: not a worker setup: {error}") from None
+
+
+def _admin_rows(rows: object) -> list[dict[str, object]]:
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("admin: not a list of settings")
+    return rows
 
 
 def take_worker_setup() -> WorkerSetup | None:

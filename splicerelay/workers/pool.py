@@ -54,22 +54,27 @@ class WorkerPool:
         self.views: tuple[WorkerView, ...] = ()
         self._ids = itertools.count(1)
         self._copies: dict[int, ConfigCopy] = {}  # worker id -> its copy of the config
+        # The upstreams' admin states a new worker takes before serving (admin_memory.py).
+        self.admin_snapshot: Callable[[], list[dict[str, object]]] = list
 
     def spawn(self, slot: int) -> Worker:
         """Start a worker for `slot` on the current config. Raises OSError."""
         worker_id = next(self._ids)
         metrics_path = self.rendezvous.metrics_address(worker_id)
+        control_path = self.rendezvous.control_address(worker_id)
         copy = ConfigCopy(self._current_text())
         try:
             setup = WorkerSetup(
                 slot=slot,
                 supervisor_pid=os.getpid(),
                 metrics_path=metrics_path,
+                control_path=control_path,
                 sockets=tuple(
                     InheritedSocket(item.sock.fileno(), item.name, item.kept)
                     for item in self.listeners.handover()
                 ),
                 config_fd=copy.fileno(),
+                admin=tuple(self.admin_snapshot()),
             )
             environment = worker_environment(
                 os.environ, setup, self.receiver.path, self.table.watchdog
@@ -79,7 +84,9 @@ class WorkerPool:
             copy.close()
             raise
         now = time.monotonic()
-        worker = Worker(worker_id, slot, process, metrics_path, now, last_heard=now)
+        worker = Worker(
+            worker_id, slot, process, metrics_path, now, last_heard=now, control_path=control_path
+        )
         self._copies[worker_id] = copy
         self.table.add(worker)
         self._refresh_views()
@@ -104,6 +111,7 @@ class WorkerPool:
                 self._worker_gone(worker.id)
                 self._copies.pop(worker.id).close()
                 self.rendezvous.remove(worker.metrics_path)
+                self.rendezvous.remove(worker.control_path)
                 exited.append((worker, returncode))
         return exited
 

@@ -54,6 +54,7 @@ class RoundOutcome(Generic[S]):
     result: Result
     refused_by_all: bool  # failed, with no success and nobody left silent
     failed: tuple[int, ...]  # pids that refused it, sorted
+    succeeded: tuple[int, ...]  # pids that applied it (or came up on it), sorted
     timed_out: tuple[int, ...]  # pids that did not answer in time, sorted
     # The snapshot to go back to (write it, and configure from it), or None.
     restore: S | None
@@ -161,6 +162,7 @@ class ReloadRounds(Generic[S]):
                     result=result,
                     refused_by_all=refused_by_all,
                     failed=tuple(sorted(round_.failed)),
+                    succeeded=tuple(sorted(round_.succeeded)),
                     timed_out=tuple(sorted(round_.waiting)),
                     restore=restore,
                     close_dropped_listeners=latest and not refused_by_all,

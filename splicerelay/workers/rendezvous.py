@@ -1,19 +1,21 @@
 """Where the supervisor and its workers find each other: the notify socket the workers
-report to, and the socket each worker serves its metrics on.
+report to, and the sockets each worker serves its metrics and its control socket on.
 
 In a private directory when one can be made: under systemd's $RUNTIME_DIRECTORY when
 the unit has one, else in the temp directory. Why 0700 (mkdtemp's mode): whoever can
 reach the notify socket could flood it, and whoever can reach a worker's socket could
-read its metrics.
+read its metrics. (A worker's control socket checks its peers with SO_PEERCRED as well.)
 
 Else (a read-only root: no writable temp directory, no runtime directory) the sockets
 take names in the abstract namespace, which need no file system at all. Those are
 reachable from the whole network namespace (a container's own, in Kubernetes), so:
 - the notify socket still only counts messages whose sender the kernel names
   (SO_PASSCRED) as one of the workers; others are dropped;
-- every name carries a random part, and each worker's metrics name one of its own that
-  appears nowhere before the worker binds it, so no other process can take the name
-  first and pose as that worker.
+- every name carries a random part, and each worker's metrics and control names one of
+  their own that appears nowhere before the worker binds them, so no other process can
+  take a name first and pose as that worker;
+- a worker's control socket admits only our uid and root (SO_PEERCRED), as the
+  configured one does.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class Rendezvous:
         if self.directory:
             return f"{self.prefix}/worker-{worker_id}.sock"
         return f"{self.prefix}/worker-{worker_id}-{secrets.token_hex(8)}"
+
+    def control_address(self, worker_id: int) -> str:
+        """Where worker `worker_id` serves its control socket, for the supervisor only."""
+        if self.directory:
+            return f"{self.prefix}/control-{worker_id}.sock"
+        return f"{self.prefix}/control-{worker_id}-{secrets.token_hex(8)}"
 
     def remove(self, address: str) -> None:
         """Remove a socket's file; an abstract name has none."""

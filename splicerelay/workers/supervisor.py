@@ -12,7 +12,9 @@ It is a process manager, not a relay: no trio, no connections. It
   close their connections;
 - is the service manager for its workers (their NOTIFY_SOCKET is its socket) and tells
   the real one READY=1 once all are ready, STATUS=, RELOADING=1, STOPPING=1, WATCHDOG=1;
-- serves one /metrics, /healthz and /readyz for all of them (scrape.py).
+- serves one /metrics, /healthz and /readyz for all of them (scrape.py);
+- serves the control socket for all of them (control.py, in a thread of its own:
+  control_thread.py), and replays the upstreams' admin states to a restarted worker.
 
 Workers read the config text the supervisor validated (config_copy.py), so that every
 worker, including one restarted later, runs the config the supervisor accepted, never a
@@ -30,12 +32,14 @@ import signal
 import socket
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from splicerelay import __version__
 from splicerelay.config import Config, ConfigError, read_config, worker_count
 from splicerelay.config.addresses import ListenAddress, UnixAddress
 from splicerelay.datapath.stats import ReloadRecord
+from splicerelay.ops.control_path import ControlPathError
 from splicerelay.ops.metrics import MetricsServer
 from splicerelay.ops.service import (
     STATUS_INTERVAL,
@@ -48,8 +52,17 @@ from splicerelay.ops.service import (
     warn_restart_only_changes,
 )
 from splicerelay.ops.systemd import Notifier, NotifyReceiver, passed_sockets, watchdog_interval
+from splicerelay.relay.control_socket import ControlSocketError
 from splicerelay.relay.listeners import ListenError, ListenerSet, Role
 from splicerelay.workers.contract import CUT_SIGNAL
+from splicerelay.workers.control_link import (
+    ControlLink,
+    iso_time,
+    reload_record,
+    start_control,
+    text_sha256,
+)
+from splicerelay.workers.control_thread import ReloadRequest
 from splicerelay.workers.merged_metrics import Exposition
 from splicerelay.workers.pool import WorkerPool
 from splicerelay.workers.reload_rounds import ReloadRounds
@@ -76,6 +89,11 @@ class Snapshot:
 
     config: Config
     text: str
+    loaded_at: float = field(default_factory=time.time)  # unix time it was accepted
+
+    @cached_property
+    def sha256(self) -> str:
+        return text_sha256(self.text)
 
 
 def new_unix_listener(config: Config, addresses: Collection[ListenAddress]) -> str | None:
@@ -122,6 +140,11 @@ class Supervisor:
         self.reloads = ReloadRecord()
         self.rounds = ReloadRounds(Snapshot(config, config_text))
         self.announced = False  # READY=1 sent to the real service manager
+        self.started_at = time.time()
+        # `show info`'s last reload: {"result": "ok"|"refused", "time", "trigger", "error"}
+        self.last_reload: dict[str, object] | None = None
+        self._triggers: dict[int, str] = {}  # reload round -> what asked for it
+        self.link: ControlLink | None = None  # the control socket, when it is on
         self.stopping = False
         self._stop_deadline: float | None = None
         self._exit_code = 0
@@ -146,6 +169,31 @@ class Supervisor:
     @property
     def count(self) -> int:
         return self.table.count
+
+    def info(self) -> dict[str, object]:
+        """`show info`'s answer for the whole relay, with the keys one relay process
+        answers with (relay/control_commands.py); the workers' rows come with it."""
+        snapshot = self.rounds.current
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": iso_time(self.started_at),
+            "uptime_seconds": round(max(0.0, time.time() - self.started_at), 3),
+            "workers": self.count,
+            "connections": self.table.connections(),
+            "routes": len(snapshot.config.routes),
+            "config_path": self.path,
+            "config_sha256": snapshot.sha256,
+            "config_loaded": iso_time(snapshot.loaded_at),
+            "last_reload": self.last_reload,
+            "reloads": dict(self.reloads.counts),
+            "control_socket": None if self.link is None else self.link.thread.path,
+        }
+
+    def publish(self) -> None:
+        """Give the control socket a fresh view of the workers and of the supervisor."""
+        if self.link is not None:
+            self.link.publish(self.table, self.info(), self.config)
 
     def own_families(self) -> Exposition:
         """The supervisor's own metrics (read from the metrics threads)."""
@@ -185,6 +233,9 @@ class Supervisor:
         for heard in self.pool.read_notifications():
             if heard.came_up:
                 self.rounds.worker_ready(heard.worker.pid)
+                if self.link is not None:
+                    self.publish()  # first: a change sent meanwhile must reach it
+                    self.link.came_up(heard.worker)
             if heard.reload_ok is not None:
                 self.rounds.answered(heard.worker.pid, heard.reload_ok)
         if not self.announced and not self.stopping and self.table.all_started_and_ready():
@@ -200,22 +251,31 @@ class Supervisor:
 
     # ----- reload --------------------------------------------------------------------
 
-    def reload(self, reason: str) -> None:
+    def reload(self, reason: str, request: ReloadRequest | None = None) -> None:
+        """Reload the config file in every worker; `request`, from the control socket,
+        is answered once the round has ended (or at once, if there is none)."""
         if self.stopping:
+            if request is not None and self.link is not None:
+                self.link.refuse(request, "the relay is stopping")
             return
         self.notifier.reloading()
         try:
             config, text = read_config(self.path)
         except ConfigError as error:
-            self._refuse(reason, error)
+            self._refuse(reason, error, request)
             return
         refusal = new_unix_listener(config, self.listeners.addresses())
         if refusal is not None:
-            self._refuse(reason, refusal)
+            self._refuse(reason, refusal, request)
             return
         warn_restart_only_changes(self.config, config, ("metrics", "workers"))
+        if config.control != self.config.control:
+            log.warning("control.socket changed: it takes effect at the next restart")
         waiting = set(self.table.pids())
-        self.rounds.start(Snapshot(config, text), waiting, time.monotonic())
+        number = self.rounds.start(Snapshot(config, text), waiting, time.monotonic())
+        self._triggers[number] = reason
+        if request is not None and self.link is not None:
+            self.link.wait_for_round(number, request)
         configure_logs(self.options, config)
         log.info(
             "reloading every worker",
@@ -224,10 +284,15 @@ class Supervisor:
         self.pool.reload_all()
         self.finish_reloads(time.monotonic())
 
-    def _refuse(self, reason: str, error: Exception | str) -> None:
+    def _refuse(
+        self, reason: str, error: Exception | str, request: ReloadRequest | None = None
+    ) -> None:
         self.reloads.record("failure")
+        self.last_reload = reload_record(reason, str(error))
         log_reload_refused(reason, error)
         self.notifier.ready(self.status())
+        if request is not None and self.link is not None:
+            self.link.refuse(request, str(error))
 
     def finish_reloads(self, now: float) -> None:
         """Count the reloads every worker has answered (or that timed out), in order,
@@ -239,12 +304,20 @@ class Supervisor:
                     extra={"fields": {"workers": list(outcome.timed_out)}},
                 )
             self.reloads.record(outcome.result)
+            trigger = self._triggers.pop(outcome.number, "reload")
+            self.last_reload = reload_record(trigger, None)
             if outcome.restore is not None:
                 # Every worker refused it (a name that does not resolve, say) and runs the
                 # config from before: so must a worker restarted or reloaded from here
                 # on (the rounds' current snapshot is that one again).
                 configure_logs(self.options, outcome.restore.config)
             if outcome.result == "failure":
+                self.last_reload = reload_record(
+                    trigger,
+                    "every worker refused the new config"
+                    if outcome.refused_by_all
+                    else "the new config is not live in every worker",
+                )
                 log.error(
                     "reload failed in every worker; the running config stays"
                     if outcome.refused_by_all
@@ -259,6 +332,9 @@ class Supervisor:
                 self.listeners.close_except({route.listen for route in self.config.routes}, _close)
             if outcome.announce_ready and not self.stopping:
                 self.notifier.ready(self.status())
+            if self.link is not None:
+                self.publish()
+                self.link.round_ended(outcome, self.config)
 
     # ----- stop ----------------------------------------------------------------------
 
@@ -296,6 +372,8 @@ class Supervisor:
         with signal_wakeup(handled) as wakeup, selectors.DefaultSelector() as selector:
             selector.register(wakeup, selectors.EVENT_READ, "signal")
             selector.register(self.receiver.fileno(), selectors.EVENT_READ, "notify")
+            if self.link is not None:
+                selector.register(self.link.thread.wakeup, selectors.EVENT_READ, "control")
             try:
                 try:
                     for slot in range(self.count):
@@ -324,6 +402,10 @@ class Supervisor:
                 if key.data == "signal":
                     for signum in received(wakeup):
                         self.handle_signal(signum)
+                elif key.data == "control":
+                    assert self.link is not None
+                    for request in self.link.thread.take_reload_requests():
+                        self.reload("control socket", request)
                 else:
                     self.read_notifications()
             self.reap()
@@ -347,6 +429,7 @@ class Supervisor:
                 next_watch = now + WATCH_INTERVAL
                 if watch.changed():
                     self.reload("file changed")
+            self.publish()
 
     def handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -357,6 +440,8 @@ class Supervisor:
             self.begin_stop(signal.Signals(signum).name)
 
     def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
         self.pool.close()
         self.receiver.close()
         self.notifier.close()
@@ -388,6 +473,14 @@ def run_supervisor(options: RunOptions, config: Config, config_text: str) -> int
         except OSError as error:
             log.error(f"cannot open the workers' notify socket: {error.strerror or error}")
             return 1
+        try:
+            supervisor.link = start_control(config, supervisor.rounds.timeout)
+            if supervisor.link is not None:
+                supervisor.pool.admin_snapshot = supervisor.link.thread.handler.memory.snapshot
+        except (ControlSocketError, ControlPathError) as error:
+            log.error(str(error))
+            return 1
+        supervisor.publish()
         if metrics_address is not None:
             try:
                 metrics_server = MetricsServer(

@@ -56,6 +56,7 @@ class Worker:
     reload_in_flight: bool = False  # SIGHUP sent, outcome not reported yet
     last_heard: float = 0.0  # monotonic time of its last sd_notify message
     killed_as_hung: bool = False
+    control_path: str = ""  # its private control socket (rendezvous.py)
 
     @property
     def pid(self) -> int:

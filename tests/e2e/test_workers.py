@@ -825,6 +825,7 @@ def test_worker_setup_round_trips_and_rejects_junk():
         slot=1,
         supervisor_pid=42,
         metrics_path="/run/x/worker-3.sock",
+        control_path="/run/x/control-3.sock",
         sockets=(InheritedSocket(7, "web", False), InheritedSocket(9, "from:systemd", True)),
         config_fd=5,
     )

@@ -31,8 +31,10 @@ def setup(metrics_path: str = "/run/x/worker-3.sock") -> WorkerSetup:
         slot=1,
         supervisor_pid=42,
         metrics_path=metrics_path,
+        control_path=metrics_path.replace("worker-", "control-"),
         sockets=(InheritedSocket(7, "web", False),),
         config_fd=5,
+        admin=({"route": "web", "address": "10.0.0.2:80", "state": "drain"},),
     )
 
 
@@ -46,6 +48,7 @@ def test_the_setup_round_trips_with_its_config_fd(metrics_path: str) -> None:
     assert "\0" not in text
     assert decode(text) == setup(metrics_path)
     assert decode(text).config_fd == 5
+    assert decode(text).admin == ({"route": "web", "address": "10.0.0.2:80", "state": "drain"},)
 
 
 def test_a_setup_without_its_config_fd_is_refused() -> None:
@@ -94,6 +97,7 @@ def test_in_a_directory_the_sockets_have_fixed_names_in_it() -> None:
     rendezvous = Rendezvous("/run/splicerelay-ab", "/run/splicerelay-ab")
     assert rendezvous.notify_address == "/run/splicerelay-ab/notify.sock"
     assert rendezvous.metrics_address(3) == "/run/splicerelay-ab/worker-3.sock"
+    assert rendezvous.control_address(3) == "/run/splicerelay-ab/control-3.sock"
 
 
 def test_abstract_metrics_names_cannot_be_guessed_before_the_worker_binds_one() -> None:
@@ -103,6 +107,10 @@ def test_abstract_metrics_names_cannot_be_guessed_before_the_worker_binds_one() 
     assert all(name.startswith(f"{ABSTRACT_PREFIX}/worker-3-") for name in names)
     assert all(is_abstract(name) for name in names)
     assert len(set(names)) == len(names)  # a random part, new for every worker
+    controls = [rendezvous.control_address(3) for _ in range(20)]
+    assert all(name.startswith(f"{ABSTRACT_PREFIX}/control-3-") for name in controls)
+    assert all(is_abstract(name) for name in controls)
+    assert len(set(controls)) == len(controls)
 
 
 # ----- when a worker may take a reload ------------------------------------------------
