@@ -1,12 +1,16 @@
-"""The command line: `splicerelay run | check | bench | --version`, argparse and dispatch."""
+"""The command line: `splicerelay run | check | reload | ctl | bench | --version`, argparse
+and dispatch."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from splicerelay import __version__
 from splicerelay.config import (
@@ -20,8 +24,19 @@ from splicerelay.config import (
 )
 from splicerelay.config.addresses import Address, AddressError, UnixAddress, parse_address
 from splicerelay.ops import logs
+from splicerelay.ops.control_path import DEFAULT_CONFIG_PATH, control_place, no_default_reason
+from splicerelay.ops.control_view import render, render_reload
 from splicerelay.ops.service import RunOptions
 from splicerelay.ops.systemd import passed_sockets
+from splicerelay.protocol.control import (
+    Command,
+    CommandError,
+    Reload,
+    Reply,
+    encode_reply,
+    parse_command,
+)
+from splicerelay.relay.control_client import DEFAULT_TIMEOUT, ControlClientError, send_command
 from splicerelay.relay.listeners import ListenerSet, Role
 from splicerelay.relay.name_check import check_names
 from splicerelay.relay.service import AsWorker, configure_service_logs, run_relay
@@ -34,6 +49,13 @@ from splicerelay.workers.contract import (
 )
 
 log = logging.getLogger("splicerelay")
+
+# `reload` waits this long for the relay's answer: a reload resolves names and binds
+# listeners, and with workers waits for every one of them.
+RELOAD_TIMEOUT: Final = 60.0
+# Exit codes of `ctl` and `reload`: the relay said no, or could not be asked.
+EXIT_REFUSED: Final = 1
+EXIT_UNREACHABLE: Final = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also resolve upstream host names (like nginx -t) and say what they resolve to",
     )
 
+    reload = commands.add_parser(
+        "reload",
+        help="check a config file, then have the running relay load it and say how it went",
+        description="Validate FILE as `splicerelay check` does; if valid, ask the running"
+        " relay over its control socket to reload its config, wait for the outcome and"
+        " print it. Exit 0: the new config is live (in every worker); 1: invalid, or"
+        " refused by the relay, with the reason; 2: the relay could not be asked.",
+    )
+    add_control_arguments(reload)
+
+    ctl = commands.add_parser(
+        "ctl",
+        help="send a command to the running relay's control socket",
+        description="Send one command to the running relay's control socket and print"
+        " the answer: tables for people, or the JSON reply with --json. Commands: show"
+        " info | routes | upstreams [ROUTE] | connections [ROUTE] [--limit N]; set upstream"
+        " ROUTE ADDRESS state ready|drain|maint [--kill-connections]; set upstream ROUTE"
+        " ADDRESS weight N; kill connection ID; reload; help. Exit 0: done; 1: the relay"
+        " answered with an error; 2: the relay could not be asked.",
+    )
+    add_control_arguments(ctl)
+    ctl.add_argument("--json", action="store_true", help="print the reply as JSON")
+    ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...")
+
     bench = commands.add_parser("bench", help="benchmark against a direct connection and HAProxy")
     from splicerelay import bench as bench_module
 
@@ -98,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command_run(parser, args)
     if args.command == "check":
         return command_check(args)
+    if args.command == "ctl":
+        return command_ctl(parser, args)
+    if args.command == "reload":
+        return command_reload(args)
     if args.command == "bench":
         from splicerelay import bench as bench_module
 
@@ -120,6 +170,132 @@ def command_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(render_config(config))
     return 0
+
+
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-s",
+        "--socket",
+        metavar="PATH",
+        help="the control socket (default: control.socket of the config file, or its default"
+        " place: $RUNTIME_DIRECTORY/control.sock, /run/splicerelay/control.sock for root,"
+        " else $XDG_RUNTIME_DIR/splicerelay/control.sock)",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"the relay's config file (default: {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def find_control_socket(args: argparse.Namespace) -> str:
+    """The control socket to ask: -s, else control.socket of the config file (-c, or the
+    default file when it exists), else the default place. Raises ControlClientError
+    saying why there is none."""
+    if args.socket:
+        return str(args.socket)
+    setting: str | None = "auto"
+    config_path = args.config or DEFAULT_CONFIG_PATH
+    if args.config or os.path.exists(DEFAULT_CONFIG_PATH):
+        try:
+            setting = read_config(config_path)[0].control.socket
+        except ConfigError as error:
+            # The relay may well run on the last good version of a file being edited:
+            # try the default place, and say so.
+            first = error.errors[0] if error.errors else str(error)
+            print(
+                f"note: {first} ({len(error.errors)} problem(s)); looking for the control"
+                " socket in its default place (name it with -s PATH)",
+                file=sys.stderr,
+            )
+    return control_socket_of(args, setting)
+
+
+def control_socket_of(args: argparse.Namespace, setting: str | None) -> str:
+    """The control socket to ask: -s, else where `control.socket: setting` puts it."""
+    if args.socket:
+        return str(args.socket)
+    config_path = args.config or DEFAULT_CONFIG_PATH
+    place = control_place(setting, os.environ, os.geteuid())
+    if place is None:
+        raise ControlClientError(
+            f"no control socket to ask: {no_default_reason(setting)} (in {config_path});"
+            " name it with -s PATH"
+        )
+    return place.path
+
+
+def print_unreachable(program: str, error: ControlClientError) -> int:
+    print(f"splicerelay {program}: {error}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def command_ctl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # Why pick --json out of the words: argparse hands everything after the first word
+    # of the command to it, so `ctl show info --json` has --json among them.
+    as_json = args.json or "--json" in args.words
+    words = [word for word in args.words if word != "--json"]
+    if not words:
+        parser.error("ctl needs a command, e.g. `splicerelay ctl show info` (or `ctl help`)")
+    line = " ".join(words)
+    command: Command | None
+    try:
+        command = parse_command(line.encode("utf-8", "surrogateescape"))
+    except CommandError:
+        command = None  # the relay says what is wrong with it
+    try:
+        path = find_control_socket(args)
+        timeout = RELOAD_TIMEOUT if isinstance(command, Reload) else DEFAULT_TIMEOUT
+        reply = send_command(path, line, timeout)
+    except ValueError as error:
+        print(f"splicerelay ctl: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlClientError as error:
+        return print_unreachable("ctl", error)
+    if as_json:
+        sys.stdout.write(json.dumps(json.loads(encode_reply(reply)), indent=2) + "\n")
+    elif reply.ok:
+        sys.stdout.write(render(command, reply.data))
+    if reply.ok:
+        return 0
+    print_error_reply(command, reply)
+    return EXIT_REFUSED
+
+
+def print_error_reply(command: Command | None, reply: Reply) -> None:
+    if isinstance(command, Reload):
+        sys.stderr.write(render_reload(reply.data, False, reply.error)[1])
+        return
+    print(f"error: {reply.error}", file=sys.stderr)
+
+
+def command_reload(args: argparse.Namespace) -> int:
+    """Check the file as `check` does; if valid, reload the relay and say how it went.
+
+    Quiet on success but for one line: it runs as systemd's ExecReload=, whose output
+    goes to the journal."""
+    config_path = args.config or DEFAULT_CONFIG_PATH
+    try:
+        config, _ = read_config(config_path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        print(
+            "reload not attempted: the config is invalid; the running config stays",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        path = control_socket_of(args, config.control.socket)
+        reply = send_command(path, Reload(), RELOAD_TIMEOUT)
+    except ControlClientError as error:
+        return print_unreachable("reload", error)
+    out, err = render_reload(reply.data, reply.ok, reply.error)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return 0 if reply.ok else EXIT_REFUSED
 
 
 def load_run_config(
@@ -160,7 +336,9 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         parser.error("--watch needs -c FILE")
     worker = None
     if setup is not None:
-        worker = AsWorker(setup.slot, CUT_SIGNAL, RELOAD_RESULT_FIELD)
+        worker = AsWorker(
+            setup.slot, CUT_SIGNAL, RELOAD_RESULT_FIELD, control_socket=setup.control_path
+        )
     options = RunOptions(
         config_path=args.config,
         watch=args.watch,
@@ -183,9 +361,14 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
         return run_supervisor(options, config, text)
     if setup is None:
-        return run_relay(options, config, ListenerSet(passed_sockets()))
+        return run_relay(options, config, ListenerSet(passed_sockets()), config_text=text)
     die_with_parent(setup.supervisor_pid)
     listeners = ListenerSet(inherited_sockets(setup), role=Role.WORKER)
     return run_relay(
-        options, config, listeners, worker, metrics_address=UnixAddress(setup.metrics_path)
+        options,
+        config,
+        listeners,
+        worker,
+        metrics_address=UnixAddress(setup.metrics_path),
+        config_text=text,
     )

@@ -5,6 +5,13 @@ of a supervisor runs. It builds the relay from a validated config, serves /metri
 the service manager informed (READY, RELOADING, STOPPING, STATUS, WATCHDOG), reloads on
 SIGHUP or a changed file, and drains on SIGTERM/SIGINT. What differs in a worker comes in
 as an `AsWorker` value, so that this layer needs nothing from the supervisor's.
+
+It also serves the control socket (relay/control_socket.py, with the commands of
+control_commands.py) from when the listeners are bound until the drain has ended. Where:
+`control.socket`, or for "auto" the default place of ops/control_path.py. A configured
+path that cannot be had is a startup error; a default place that cannot be (a read-only
+/run, another relay there already) is a warning, and the relay runs without one. A
+worker serves only the private socket its supervisor names.
 """
 
 from __future__ import annotations
@@ -12,15 +19,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import trio
 
 from splicerelay import __version__
-from splicerelay.config import Config, ConfigError, config_warnings, load_config
+from splicerelay.config import Config, ConfigError, config_warnings, read_config
 from splicerelay.config.addresses import Address
 from splicerelay.datapath.session import Session
 from splicerelay.datapath.stats import RelayStats
+from splicerelay.ops.control_path import (
+    ControlPathError,
+    ControlPlace,
+    control_place,
+    make_directory,
+    no_default_reason,
+)
 from splicerelay.ops.metrics import MetricsServer, make_registry
 from splicerelay.ops.service import (
     STATUS_INTERVAL,
@@ -34,6 +49,19 @@ from splicerelay.ops.service import (
 )
 from splicerelay.ops.systemd import Notifier, watchdog_interval
 from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.control_commands import (
+    ConfigRecord,
+    ControlCommands,
+    ReloadResult,
+    ServiceRecord,
+    text_sha256,
+)
+from splicerelay.relay.control_socket import (
+    ControlListener,
+    ControlServer,
+    ControlSocketError,
+    bind_control_socket,
+)
 from splicerelay.relay.lifecycle import Relay
 from splicerelay.relay.listeners import ListenerSet
 from splicerelay.relay.passed import listening_on
@@ -55,6 +83,9 @@ class AsWorker:
     slot: int  # tagged on every log line
     cut_signal: signal.Signals  # the supervisor's "close every connection now"
     reload_result_field: str  # the notify field that tells the supervisor how a reload went
+    # Where to serve the control socket that only the supervisor uses (None: none). A
+    # worker never serves the configured control.socket: that is the supervisor's.
+    control_socket: str | None = None
 
 
 class WorkerTag(logging.Filter):
@@ -100,7 +131,9 @@ def relay_status(relay: Relay) -> str:
 
 
 class Reloader:
-    """Re-reads the config file and applies it; one reload at a time."""
+    """Re-reads the config file and applies it; one reload at a time.
+
+    `record` keeps the config in force and how the last reload went, for `show info`."""
 
     def __init__(
         self,
@@ -108,41 +141,57 @@ class Reloader:
         relay: Relay,
         notifier: Notifier,
         worker: AsWorker | None = None,
+        record: ServiceRecord | None = None,
     ) -> None:
         self.options = options
         self.path = options.config_path
         self.relay = relay
         self.notifier = notifier
         self.worker = worker
+        self.record = record or ServiceRecord(ConfigRecord(self.path, None, time.time()))
         self._lock = trio.Lock()
 
-    async def reload(self, reason: str) -> None:
+    async def reload(self, reason: str) -> ReloadResult:
+        """Reload and return how it went, once it has been applied or refused (a reload
+        already running is waited for first)."""
         if self.path is None:
-            log.warning("nothing to reload: the relay runs from command-line flags")
-            return
+            message = "nothing to reload: the relay runs from command-line flags"
+            log.warning(message)
+            return ReloadResult(False, time.time(), reason, message)
         async with self._lock:
             self.notifier.reloading()
             reloads = self.relay.stats.reloads
             result = "failure"
+            outcome = ReloadResult(False, time.time(), reason, "the reload did not finish")
             try:
-                config = await trio.to_thread.run_sync(load_config, self.path)
+                config, text = await trio.to_thread.run_sync(read_config, self.path)
                 if self.worker is None:  # (a worker's supervisor says this, once, for all)
                     warn_restart_only_changes(self.relay.config, config, ("metrics",))
+                    if config.control != self.relay.config.control:
+                        log.warning("control.socket changed: it takes effect at the next restart")
                 await self.relay.reload(config)
             except (ConfigError, StartupError) as error:
                 reloads.record("failure")
                 log_reload_refused(reason, error)
+                outcome = ReloadResult(False, time.time(), reason, str(error))
             else:
                 reloads.record("success")
                 result = "success"
+                now = time.time()
+                self.record.config = ConfigRecord(
+                    os.path.abspath(self.path), text_sha256(text), now
+                )
+                outcome = ReloadResult(True, now, reason)
                 configure_service_logs(self.options, config, self.worker)
                 log_config_warnings(config, self.worker)
             finally:
+                self.record.last_reload = outcome
                 # A worker tells its supervisor how the reload went, which counts it.
                 extra = (
                     () if self.worker is None else (f"{self.worker.reload_result_field}={result}",)
                 )
                 self.notifier.ready(relay_status(self.relay), *extra)
+        return outcome
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Reload when the file changes; also when a ConfigMap swaps its symlink."""
@@ -169,11 +218,18 @@ async def keep_service_manager_informed(relay: Relay, notifier: Notifier) -> Non
         await trio.sleep(interval)
 
 
-async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Reloader) -> None:
+async def serve_until_signalled(
+    relay: Relay,
+    notifier: Notifier,
+    reloader: Reloader,
+    control: ControlServer | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short.
 
     SIGHUP reloads the config file. A worker process takes its cue for cutting the drain
     short from its supervisor (its cut signal) only; a repeated SIGTERM does nothing more.
+    `control`, a bound control socket, is served from before READY=1 until the drain has
+    ended (`show connections` is useful during a drain).
     """
     worker = reloader.worker
     watched: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -187,6 +243,8 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve)
+            if control is not None:
+                nursery.start_soon(control.serve)
             notifier.ready(relay_status(relay))
             log.info(
                 "ready" if worker is None else "worker ready",
@@ -198,6 +256,7 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
                             for r in relay.runtimes
                         },
                         "data_path": "splice" if relay.use_splice else "copy",
+                        "control_socket": reloader.record.control_socket,
                     }
                 },
             )
@@ -227,18 +286,59 @@ async def serve_until_signalled(relay: Relay, notifier: Notifier, reloader: Relo
                     relay.stop_all_sessions()
 
 
+def control_place_of(config: Config, worker: AsWorker | None) -> ControlPlace | None:
+    """Where this process serves its control socket, if anywhere."""
+    if worker is not None:
+        path = worker.control_socket
+        return None if path is None else ControlPlace(path, True, None, "the supervisor")
+    return control_place(config.control.socket, os.environ, os.geteuid())
+
+
+def open_control_socket(config: Config, worker: AsWorker | None) -> ControlListener | None:
+    """Bind the control socket; None when there is none (said in the log).
+
+    Raises ControlSocketError when a configured path cannot be had: a startup error."""
+    place = control_place_of(config, worker)
+    if place is None:
+        if worker is None and config.control.socket is not None:
+            log.info(f"no control socket: {no_default_reason(config.control.socket)}")
+        return None
+    try:
+        make_directory(place)
+        return bind_control_socket(place.path)
+    except (ControlPathError, ControlSocketError) as error:
+        if place.configured:
+            raise ControlSocketError(str(error)) from None
+        log.warning(
+            f"{error}; running without a control socket (splicerelay ctl and reload will"
+            " not reach this relay; set control.socket to give it one)",
+            extra={"fields": {"chosen_by": place.source}},
+        )
+        return None
+
+
 def run_relay(
     options: RunOptions,
     config: Config,
     listeners: ListenerSet,
     worker: AsWorker | None = None,
     metrics_address: Address | None = None,
+    config_text: str | None = None,
 ) -> int:
     """Serve `config` in this process until a stop signal; returns the exit code.
 
     `metrics_address` overrides `options.metrics_address` (a worker serves its metrics on
-    a private unix socket for its supervisor).
+    a private unix socket for its supervisor). `config_text` is the text `config` was
+    read from, for the sha256 that `show info` reports.
     """
+    record = ServiceRecord(
+        ConfigRecord(
+            None if options.config_path is None else os.path.abspath(options.config_path),
+            None if config_text is None else text_sha256(config_text),
+            time.time(),
+        ),
+        worker=None if worker is None else worker.slot,
+    )
     log_config_warnings(config, worker)
     stats = RelayStats()
     try:
@@ -267,13 +367,27 @@ def run_relay(
             log.error(f"cannot serve metrics on {address}: {error.strerror or error}")
             return 1
         metrics_server.start()
-    notifier = Notifier()
-    reloader = Reloader(options, relay, notifier, worker)
     try:
-        trio.run(serve_until_signalled, relay, notifier, reloader)
+        control_listener = open_control_socket(config, worker)
+    except ControlSocketError as error:
+        listeners.close_all(lambda sock: sock.close())
+        if metrics_server is not None:
+            metrics_server.close()
+        log.error(str(error))
+        return 1
+    notifier = Notifier()
+    reloader = Reloader(options, relay, notifier, worker, record)
+    control = None
+    if control_listener is not None:
+        record.control_socket = control_listener.path
+        control = ControlServer(control_listener, ControlCommands(relay, record, reloader.reload))
+    try:
+        trio.run(serve_until_signalled, relay, notifier, reloader, control)
     finally:
         notifier.close()
         if metrics_server is not None:
             metrics_server.close()
+        if control_listener is not None:
+            control_listener.close()
     log.info("stopped")
     return 0
