@@ -121,6 +121,10 @@ class SupervisorControl:
     # One command at a time to each worker (by pid) from here: a replay's commands and
     # an operator's change to the same upstream must arrive in the order they were made.
     _locks: dict[int, trio.Lock] = field(default_factory=dict)
+    # Workers that came up (worker_up), and of those the ones whose replay has not ended:
+    # nothing else is sent to them until it has (see `worker_up`).
+    _up: set[int] = field(default_factory=set)
+    _syncing: dict[int, trio.Event] = field(default_factory=dict)
 
     async def __call__(self, command: Command) -> object:
         match command:
@@ -147,7 +151,14 @@ class SupervisorControl:
     # ----- asking workers ------------------------------------------------------------
 
     async def ask_one(self, worker: WorkerEntry, command: Command) -> Outcome:
-        """`command` to one worker: its reply, or why there was none, as an Outcome."""
+        """`command` to one worker: its reply, or why there was none, as an Outcome.
+
+        A worker whose replay has not ended is asked once it has (or REPLAY_WAIT has
+        passed): until then it would answer with states the others no longer have."""
+        syncing = self._syncing.get(worker.pid)
+        if syncing is not None:
+            with trio.move_on_after(REPLAY_WAIT + self.timeout):
+                await syncing.wait()
         lock = self._locks.setdefault(worker.pid, trio.Lock())
         async with lock:
             return await self._ask_unlocked(worker, command)
@@ -179,9 +190,12 @@ class SupervisorControl:
         for pid in [pid for pid, lock in self._locks.items() if pid not in live]:
             if not self._locks[pid].locked():
                 del self._locks[pid]
+        self._up &= live
 
     def _ready(self) -> list[WorkerEntry]:
-        return [worker for worker in self.workers() if worker.ready]
+        """The workers to ask: ready in the loop's last view, or up as far as this
+        thread has heard (its view may lag behind the news that one came up)."""
+        return [w for w in self.workers() if w.ready or w.pid in self._up]
 
     # ----- the commands --------------------------------------------------------------
 
@@ -207,9 +221,9 @@ class SupervisorControl:
         # Remembered first: a worker that comes up while this goes out gets it in its
         # replay, since the replay reads the memory only after its first await.
         undo = self.memory.remember(command, self.config())
-        workers = self.workers()
-        outcomes = await self.ask_all([w for w in workers if w.ready], command)
-        pending = [w.ref for w in workers if not w.ready]
+        ready = self._ready()
+        outcomes = await self.ask_all(ready, command)
+        pending = [w.ref for w in self.workers() if w not in ready]
         if undo is not None and not any(outcome.ok for outcome in outcomes):
             self.memory.restore(undo)
         data, error = fan_out_summary(outcomes, pending)
@@ -234,6 +248,14 @@ class SupervisorControl:
 
     # ----- a new worker ----------------------------------------------------------------
 
+    def worker_up(self, worker: WorkerEntry) -> None:
+        """`worker` has come up; `replay(worker)` is to run next. Call from the thread,
+        before the loop's next view (which shows it ready) can be read, so that no
+        command reaches the worker before its replay has ended, and none is lost: a
+        change made meanwhile goes to it after the replay."""
+        self._up.add(worker.pid)
+        self._syncing[worker.pid] = trio.Event()
+
     async def replay(self, worker: WorkerEntry) -> list[Outcome]:
         """Send a worker that has just come up every admin command to date, in order.
 
@@ -241,19 +263,24 @@ class SupervisorControl:
         after the replay, not in the middle of it."""
         lock = self._locks.setdefault(worker.pid, trio.Lock())
         outcomes: list[Outcome] = []
-        async with lock:
-            commands = self.memory.commands()
-            if not commands:
-                return outcomes
-            if not await self._wait_reachable(worker):
-                log.error(
-                    "cannot give a new worker the upstreams' admin states: its control"
-                    " socket does not answer",
-                    extra={"fields": {"worker": worker.slot, "pid": worker.pid}},
-                )
-                return outcomes
-            for command in commands:
-                outcomes.append(await self._ask_unlocked(worker, command))
+        try:
+            async with lock:
+                commands = self.memory.commands()
+                if not commands:
+                    return outcomes
+                if not await self._wait_reachable(worker):
+                    log.error(
+                        "cannot give a new worker the upstreams' admin states: its control"
+                        " socket does not answer",
+                        extra={"fields": {"worker": worker.slot, "pid": worker.pid}},
+                    )
+                    return outcomes
+                for command in commands:
+                    outcomes.append(await self._ask_unlocked(worker, command))
+        finally:
+            synced = self._syncing.pop(worker.pid, None)
+            if synced is not None:
+                synced.set()
         failed = [o for o in outcomes if not o.ok]
         fields = {"worker": worker.slot, "pid": worker.pid, "commands": len(outcomes)}
         if failed:

@@ -132,17 +132,24 @@ class ControlLink:
             raise
 
     def publish(self, workers: Iterable[Worker], info: dict[str, object], config: Config) -> None:
-        """What the control socket reads; each value replaced as a whole."""
+        """What the control socket reads; each value replaced as a whole.
+
+        Why through the thread's queue: news handed over with `came_up` must reach it
+        before a view in which that worker is ready (see SupervisorControl.worker_up)."""
         now_monotonic, now = time.monotonic(), time.time()
         entries = tuple(entry_of(worker, now_monotonic, now) for worker in workers)
         for entry in entries:
             self._slots[entry.pid] = entry.slot
-        self.entries = entries
-        self.info = info
-        self.config = config
+
+        def update() -> None:
+            self.entries = entries
+            self.info = info
+            self.config = config
+
+        self.thread.call_soon(update)
 
     def came_up(self, worker: Worker) -> None:
-        """Call after publishing: the thread may read the entries at once."""
+        """`worker` is ready: give it the admin states (call before the next publish)."""
         self.thread.replay_to(entry_of(worker, time.monotonic(), time.time()))
 
     def refuse(self, request: ReloadRequest, error: str) -> None:

@@ -85,6 +85,7 @@ class ControlThread:
 
         def start() -> None:
             if self._nursery is not None:
+                self.handler.worker_up(worker)
                 self._nursery.start_soon(self.handler.replay, worker)
 
         self.call_soon(start)

@@ -234,7 +234,6 @@ class Supervisor:
             if heard.came_up:
                 self.rounds.worker_ready(heard.worker.pid)
                 if self.link is not None:
-                    self.publish()  # first: a change sent meanwhile must reach it
                     self.link.came_up(heard.worker)
             if heard.reload_ok is not None:
                 self.rounds.answered(heard.worker.pid, heard.reload_ok)

@@ -419,3 +419,26 @@ async def test_a_refused_reload_is_an_error_reply_with_the_per_worker_results() 
         await make(FakeWorkers(), [entry(0)], data)(Reload())
     assert failed.value.message == data["error"]
     assert failed.value.data == data
+
+
+async def test_nothing_reaches_a_worker_that_came_up_before_its_replay_ended() -> None:
+    fakes = FakeWorkers(default=ok_reply([]), delays={"/fake/control-1": 0.05})
+    # Worker 1 came up, as far as the thread has heard; the loop's view still says it
+    # is starting.
+    new = entry(1, "starting")
+    control = make(fakes, [entry(0), new])
+    await control(DRAIN)
+    fakes.sent.clear()
+    control.worker_up(new)
+    weight = SetUpstreamWeight("web", "b:80", 5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control, ShowUpstreams())
+        nursery.start_soon(control, weight)
+        await trio.sleep(0.01)
+        nursery.start_soon(control.replay, new)
+    to_worker_1 = [line for path, line in fakes.sent if path == "/fake/control-1"]
+    # The replay first (it read the weight too, remembered before it started), then the
+    # show and the change itself, which find the worker's states as the others have them.
+    replayed = ["show info", format_command(DRAIN), format_command(weight)]
+    assert to_worker_1[:3] == replayed
+    assert sorted(to_worker_1[3:]) == sorted(["show upstreams", format_command(weight)])
