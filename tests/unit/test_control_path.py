@@ -120,3 +120,17 @@ def test_make_directory_says_why_it_cannot(tmp_path: Path) -> None:
 
 def test_nothing_to_make_for_a_configured_path(tmp_path: Path) -> None:
     make_directory(ControlPlace(str(tmp_path / "nowhere" / "c.sock"), True, None, "x"))
+
+
+_SEEN_RUNTIME_DIRECTORIES: set[str] = set()
+
+
+@pytest.mark.parametrize("run", [1, 2])
+def test_each_test_has_a_runtime_directory_of_its_own(run: int) -> None:
+    """(tests/conftest.py) so that relays of different tests never share a default
+    control socket path, nor /run/splicerelay with a relay running on this machine."""
+    directory = os.environ.get("RUNTIME_DIRECTORY", "")
+    assert directory.startswith("/tmp/") and os.path.isdir(directory)
+    assert not os.listdir(directory)
+    assert directory not in _SEEN_RUNTIME_DIRECTORIES
+    _SEEN_RUNTIME_DIRECTORIES.add(directory)
