@@ -223,7 +223,8 @@ class SupervisorControl:
         undo = self.memory.remember(command, self.config())
         ready = self._ready()
         outcomes = await self.ask_all(ready, command)
-        pending = [w.ref for w in self.workers() if w not in ready]
+        asked = {w.pid for w in ready}
+        pending = [w.ref for w in self.workers() if w.pid not in asked]
         if undo is not None and not any(outcome.ok for outcome in outcomes):
             self.memory.restore(undo)
         data, error = fan_out_summary(outcomes, pending)

@@ -442,3 +442,22 @@ async def test_nothing_reaches_a_worker_that_came_up_before_its_replay_ended() -
     replayed = ["show info", format_command(DRAIN), format_command(weight)]
     assert to_worker_1[:3] == replayed
     assert sorted(to_worker_1[3:]) == sorted(["show upstreams", format_command(weight)])
+
+
+async def test_a_fresh_view_of_the_workers_mid_change_does_not_make_them_pending() -> None:
+    fakes = FakeWorkers()
+    views = iter(range(1000))
+
+    def workers() -> list[WorkerEntry]:
+        # The loop publishes a new view (new counts) between any two reads.
+        count = next(views)
+        return [
+            WorkerEntry(slot, 100 + slot, f"/fake/control-{slot}", "ready", 0.0, count)
+            for slot in (0, 1)
+        ]
+
+    control = make(fakes, [])
+    control.workers = workers
+    data = await control(DRAIN)
+    assert [item["slot"] for item in data["applied"]] == [0, 1]
+    assert "pending" not in data
