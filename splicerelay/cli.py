@@ -337,7 +337,11 @@ def command_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     worker = None
     if setup is not None:
         worker = AsWorker(
-            setup.slot, CUT_SIGNAL, RELOAD_RESULT_FIELD, control_socket=setup.control_path
+            setup.slot,
+            CUT_SIGNAL,
+            RELOAD_RESULT_FIELD,
+            control_socket=setup.control_path,
+            admin_snapshot=setup.admin,
         )
     options = RunOptions(
         config_path=args.config,

@@ -49,6 +49,7 @@ from splicerelay.ops.service import (
 )
 from splicerelay.ops.systemd import Notifier, watchdog_interval
 from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.admin import AdminError, apply_admin_snapshot
 from splicerelay.relay.control_commands import (
     ConfigRecord,
     ControlCommands,
@@ -86,6 +87,10 @@ class AsWorker:
     # Where to serve the control socket that only the supervisor uses (None: none). A
     # worker never serves the configured control.socket: that is the supervisor's.
     control_socket: str | None = None
+    # The upstreams' admin states the other workers hold (relay/admin.admin_snapshot's
+    # rows), taken before this one serves: a restarted worker must not send a connection
+    # to an upstream an operator drained.
+    admin_snapshot: tuple[dict[str, object], ...] = ()
 
 
 class WorkerTag(logging.Filter):
@@ -351,6 +356,11 @@ def run_relay(
     relay = Relay(
         config, runtimes, stats, listeners, use_splice=use_splice, access=write_access_log
     )
+    if worker is not None and worker.admin_snapshot:
+        try:
+            apply_admin_snapshot(relay, worker.admin_snapshot)
+        except AdminError as error:
+            log.error(f"cannot take the other workers' upstream admin states: {error}")
     address = metrics_address or options.metrics_address
     metrics_server = None
     if address is not None:
