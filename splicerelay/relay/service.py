@@ -154,6 +154,9 @@ class Reloader:
         self.notifier = notifier
         self.worker = worker
         self.record = record or ServiceRecord(ConfigRecord(self.path, None, time.time()))
+        # Set once the drain has begun: a reload then is refused without a word to the
+        # service manager (READY=1 after STOPPING=1 would tell it the relay is back).
+        self.stopping = False
         self._lock = trio.Lock()
 
     async def reload(self, reason: str) -> ReloadResult:
@@ -163,6 +166,8 @@ class Reloader:
             message = "nothing to reload: the relay runs from command-line flags"
             log.warning(message)
             return ReloadResult(False, time.time(), reason, message)
+        if self.stopping:
+            return ReloadResult(False, time.time(), reason, "the relay is shutting down")
         async with self._lock:
             self.notifier.reloading()
             reloads = self.relay.stats.reloads
@@ -279,10 +284,10 @@ async def serve_until_signalled(
                     log.info("told to close all connections now")
                     relay.begin_shutdown()
                     relay.stop_all_sessions()
-                    stopping = True
+                    stopping = reloader.stopping = True
                     continue
                 if not stopping:
-                    stopping = True
+                    stopping = reloader.stopping = True
                     log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
                     notifier.stopping(f"draining {relay_status(relay)}")
                     relay.begin_shutdown()

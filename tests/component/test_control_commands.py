@@ -9,6 +9,7 @@ say what runs. The relay serves real loopback sockets; the handler is called dir
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -321,3 +322,26 @@ async def test_the_handler_behind_a_real_control_socket(config_file: Path) -> No
             assert not reply.ok and reply.error is not None and "no connection 99" in reply.error
             nursery.cancel_scope.cancel()
     rig.relay.listeners.close_all(lambda sock: sock.close())
+
+
+async def test_a_reload_asked_for_during_the_drain_is_refused_quietly(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """No RELOADING=1 / READY=1 to the service manager once STOPPING=1 was sent."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.setblocking(False)
+    rig = make_rig(config_file, route_config(web_route(9, free_port())))
+    rig.reloader.notifier = Notifier(str(tmp_path / "notify"))
+    rig.reloader.stopping = True
+    with pytest.raises(CommandFailed, match="shutting down") as refused:
+        await rig.handler(Reload())
+    assert refused.value.data["result"] == "refused"  # type: ignore[index]
+    with pytest.raises(BlockingIOError):
+        manager.recv(4096)
+    rig.reloader.stopping = False
+    async with serving(rig.relay):
+        assert (await rig.handler(Reload()))["result"] == "ok"  # type: ignore[index]
+    assert b"RELOADING=1" in manager.recv(4096)
+    manager.close()
+    rig.reloader.notifier.close()
