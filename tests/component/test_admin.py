@@ -191,6 +191,7 @@ async def test_a_weight_changes_the_share_of_new_connections(
 def counting_probe(counts: Counter[str], verdict: bool = True):  # type: ignore[no-untyped-def]
     async def probe(target: UpstreamTarget, check: HealthCheck) -> bool:
         counts[target.label] += 1
+        await trio.sleep(0.001)  # a real check takes a moment too
         return verdict
 
     return probe
