@@ -79,10 +79,6 @@ async def test_shipped_unit_starts_as_notify_service_and_relays(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the unit's ExecReload= runs `splicerelay reload`, not in the command line yet",
-)
 async def test_reload_applies_a_new_config_in_the_same_process(
     systemd_container: Container,
 ) -> None:
