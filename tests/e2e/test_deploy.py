@@ -55,6 +55,8 @@ EXPORTED_METRICS = frozenset(
         "splicerelay_upstream_connect_duration_seconds_sum",
         "splicerelay_upstream_connect_duration_seconds_count",
         "splicerelay_upstream_connect_errors_total",
+        "splicerelay_upstream_admin_state",
+        "splicerelay_upstream_weight",
         "splicerelay_pipes",
         "splicerelay_pipe_resize_failures_total",
         "splicerelay_limit_wait_seconds_total",
@@ -418,6 +420,7 @@ def test_alert_rules_are_complete_and_use_only_exported_metrics() -> None:
         "SplicerelayConnectionsNearGlobalLimit",
         "SplicerelayFdsNearLimit",
         "SplicerelayWorkerRestarted",
+        "SplicerelayUpstreamInMaintenance",
     } <= set(rules)
     assert rules["SplicerelayDown"]["expr"] == 'up{job="splicerelay"} == 0'
     for name, rule in rules.items():
@@ -442,6 +445,12 @@ def test_reload_alert_follows_the_last_reload_not_a_window_of_failures() -> None
     (rule,) = (rule for rule in alert_rules() if rule["alert"] == "SplicerelayReloadFailed")
     assert metric_names(rule["expr"]) == {"splicerelay_config_last_reload_successful"}
     assert "for" not in rule
+
+
+def test_maint_alert_waits_an_hour_on_the_maint_series_only() -> None:
+    (rule,) = (r for r in alert_rules() if r["alert"] == "SplicerelayUpstreamInMaintenance")
+    assert rule["expr"] == 'splicerelay_upstream_admin_state{state="maint"} == 1'
+    assert parse_duration(rule["for"]) == 3600
 
 
 # --- Grafana ---------------------------------------------------------------------------
