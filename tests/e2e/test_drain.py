@@ -176,13 +176,6 @@ def workers_of(relay: Relay, count: int, timeout: float = 20.0) -> list[int]:
     return found
 
 
-# What this test needs from the relay, not all there yet.
-MISSING = (
-    "upstream admin states (drain/ready), the control socket's commands in a relay and in "
-    "the supervisor of workers, and `splicerelay reload`"
-)
-
-
 @pytest.fixture
 def control_dir() -> Iterator[Path]:
     with socket_dir() as directory:
