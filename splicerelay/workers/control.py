@@ -143,6 +143,7 @@ class SupervisorControl:
                 return await self._kill(command)
             case Reload():
                 data = await self.reload()
+                await self._explain_refusals(data)
                 if data.get("result") != "ok":
                     raise CommandFailed(str(data.get("error") or "reload refused"), data)
                 return data
@@ -246,6 +247,28 @@ class SupervisorControl:
         if not outcome.ok:
             raise CommandFailed(f"{worker.ref.describe()}: {outcome.error}", data)
         return data
+
+    async def _explain_refusals(self, data: dict[str, Any]) -> None:
+        """Fill in why each worker that refused the reload did: its `show info` says.
+
+        (A worker reports only "failure" to its supervisor; the reason is in its log and
+        in its own last reload record.)"""
+        by_pid = {worker.pid: worker for worker in self.workers()}
+        refused = [
+            (row, by_pid[row["pid"]])
+            for row in data.get("workers", ())
+            if row.get("result") == "refused" and not row.get("error") and row.get("pid") in by_pid
+        ]
+
+        async def explain(row: dict[str, Any], worker: WorkerEntry) -> None:
+            outcome = await self.ask_one(worker, ShowInfo())
+            last = outcome.data.get("last_reload") if isinstance(outcome.data, dict) else None
+            error = last.get("error") if isinstance(last, dict) else None
+            row["error"] = error if isinstance(error, str) else "refused it; its log says why"
+
+        async with trio.open_nursery() as nursery:
+            for row, worker in refused:
+                nursery.start_soon(explain, row, worker)
 
     # ----- a new worker ----------------------------------------------------------------
 

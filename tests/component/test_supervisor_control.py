@@ -461,3 +461,28 @@ async def test_a_fresh_view_of_the_workers_mid_change_does_not_make_them_pending
     data = await control(DRAIN)
     assert [item["slot"] for item in data["applied"]] == [0, 1]
     assert "pending" not in data
+
+
+async def test_a_refused_reload_says_each_workers_own_reason() -> None:
+    data = {
+        "result": "refused",
+        "workers": [
+            {"slot": 0, "pid": 100, "result": "refused", "error": None},
+            {"slot": 1, "pid": 101, "result": "ok", "error": None},
+        ],
+        "error": "the new config is not live in every worker",
+    }
+    fakes = FakeWorkers(
+        answers={
+            "/fake/control-0": {
+                "show info": ok_reply(
+                    {"last_reload": {"result": "refused", "error": "web: no such host b"}}
+                )
+            }
+        }
+    )
+    with pytest.raises(CommandFailed) as failed:
+        await make(fakes, [entry(0), entry(1)], data)(Reload())
+    assert failed.value.data["workers"][0]["error"] == "web: no such host b"
+    assert failed.value.data["workers"][1]["error"] is None
+    assert fakes.sent == [("/fake/control-0", "show info")]

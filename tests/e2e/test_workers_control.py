@@ -244,6 +244,8 @@ async def test_reload_reports_every_workers_outcome(
     assert "every worker refused" in (reply.error or "")
     assert sorted(w["pid"] for w in reply.data["workers"]) == pids
     assert {w["result"] for w in reply.data["workers"]} == {"refused"}
+    # Each worker's own reason.
+    assert all("nonexistent.invalid" in w["error"] for w in reply.data["workers"]), reply.data
 
     # Not even valid: the supervisor refuses it before any worker sees it.
     config_path.write_text(good + "bogus_key: 1\n")
