@@ -34,9 +34,11 @@ RESOLVER = FakeResolver({"pool.test": ["10.0.1.1", "10.0.1.2"]})
 Command = tuple[str, str, AdminState | int]  # route, target, state or weight
 
 
+ROUTE = parse_config(CONFIG, "relay.yaml").routes[0]
+
+
 def members() -> list[UpstreamRuntime]:
-    route = parse_config(CONFIG, "relay.yaml").routes[0]
-    return make_upstreams(route.upstreams, None, RouteStats("web").upstream, RESOLVER, route="web")
+    return make_upstreams(ROUTE.upstreams, None, RouteStats("web").upstream, RESOLVER, route="web")
 
 
 def names(target: str, member: UpstreamRuntime) -> bool:
@@ -45,8 +47,9 @@ def names(target: str, member: UpstreamRuntime) -> bool:
 
 def replayed(commands: list[Command]) -> dict[str, tuple[str, int]]:
     """The model: every command on route web applied in turn to the members it names."""
-    result = {member.label: ("ready", member.config.weight) for member in members()}
-    for member in members():
+    fresh = members()
+    result = {member.label: ("ready", member.config.weight) for member in fresh}
+    for member in fresh:
         for route, target, value in commands:
             if route != "web" or not names(target, member):
                 continue
