@@ -391,3 +391,26 @@ def test_upstream_down_and_up_lines_name_the_route(
         ("upstream down", {"route": "web", "upstream": "127.0.0.1:1"}),
         ("upstream up", {"route": "web", "upstream": "127.0.0.1:1"}),
     ]
+
+
+async def test_kill_connections_reaches_connections_from_before_a_reload(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = await Backend().start(nursery), await Backend().start(nursery)
+        relay, outcomes = build_relay(config_text(a.port, b.port))
+        listen = port_of(relay)
+        async with serving(relay):
+            old = await open_client(listen)
+            assert await round_trip(old, b"before") == b"before"
+            assert a.accepted == 1
+            same = config_text(a.port, b.port, listen=listen, extra="    idle_timeout: 5m\n")
+            await relay.reload(parse_config(same, "reloaded.yaml"))
+            answer = set_upstream_state(
+                relay, "web", f"127.0.0.1:{a.port}", MAINT, kill_connections=True
+            )
+            assert answer["killed_connections"] == 1
+            [killed] = await outcomes.wait_for(1)
+            assert killed.outcome == "killed"
+            await old.aclose()
+        nursery.cancel_scope.cancel()
