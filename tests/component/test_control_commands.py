@@ -31,6 +31,7 @@ from splicerelay.protocol.control import (
     ShowRoutes,
     ShowUpstreams,
 )
+from splicerelay.relay import service
 from splicerelay.relay.control_client import send_command_async
 from splicerelay.relay.control_commands import (
     ConfigRecord,
@@ -86,6 +87,13 @@ class Rig:
         rows = await self.handler(ShowConnections(route))
         assert isinstance(rows, list)
         return rows
+
+
+@pytest.fixture(autouse=True)
+def logs_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload configures the process's loggers from the config; in process, that
+    would change them for the tests that follow."""
+    monkeypatch.setattr(service, "configure_service_logs", lambda *args: None)
 
 
 @pytest.fixture
