@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import trio
 
-from splicerelay.protocol.control import Reply
+from splicerelay.protocol.control import AdminState, Reply, SetUpstreamState, parse_command
 from splicerelay.relay.control_client import send_command
 from tests.support.control import socket_dir
 from tests.support.gated import GatedUpstreams, LongTransfer, expected_payload, short_visit
@@ -291,18 +292,40 @@ async def test_drain_for_a_deploy_under_load(
         await stream.wait_visits_since(back, VISITS_PER_STEP)
 
         # 5. Ready again: new connections reach it.
+        # (A worker may take it before the reply, which waits for both: the checks
+        # below end when the command is sent.)
+        readying = time.monotonic()
         await control.ask(f"set upstream {ROUTE} {address} state ready")
         readied = time.monotonic()
         await stream.wait_tag_since(readied, target)
         stream.stop.set()
         nursery.cancel_scope.cancel()  # the upstream servers
 
-    # No connection that started after the drain and ended before `ready` was sent
-    # reached the drained upstream.
-    leaked = [v for v in stream.since(drained, until=readied) if v.tag == target]
+    # No connection that started after the drain's reply and ended before `ready` was
+    # sent reached the drained upstream.
+    leaked = [v for v in stream.since(drained, until=readying) if v.tag == target]
     assert leaked == [], f"{len(leaked)} connections reached {address} while it drained"
     # Connections fail only while a worker was being killed and replaced.
     failed = [v for v in stream.visits if v.tag is None]
     outside = [v for v in failed if not (killed_at - 1 < v.started < back)]
     assert outside == [], f"connections failed outside the worker's restart: {outside[:3]}"
     assert set(restarted) != set(workers)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_deploy_steps_are_commands_the_relay_takes() -> None:
+    """Every `splicerelay ctl ...` of the README's deploy steps parses as a command, and
+    the steps drain, watch and put back, in that order, as the test above does."""
+    text = README.read_text()
+    start = text.index("### Taking an upstream out for a deploy")
+    section = text[start : text.index("\n### ", start + 1)]
+    lines = re.findall(r"splicerelay ctl ([^`\n]+)", section)
+    # ID stands for a connection id, as `show connections` prints it.
+    commands = [parse_command(re.sub(r"\bID\b", "17", line).strip().encode()) for line in lines]
+    kinds = [type(command).__name__ for command in commands]
+    assert kinds[:2] == ["SetUpstreamState", "ShowUpstreams"], kinds
+    states = [c.state for c in commands if isinstance(c, SetUpstreamState)]
+    assert states[:2] == [AdminState.DRAIN, AdminState.READY], states
+    assert AdminState.MAINT in states
