@@ -47,12 +47,14 @@ from splicerelay.workers.contract import (
     inherited_sockets,
     take_worker_setup,
 )
+from splicerelay.workers.reload_rounds import RELOAD_RESULT_TIMEOUT
 
 log = logging.getLogger("splicerelay")
 
 # `reload` waits this long for the relay's answer: a reload resolves names and binds
-# listeners, and with workers waits for every one of them.
-RELOAD_TIMEOUT: Final = 60.0
+# listeners, and with workers waits for every one of them, up to the supervisor's own
+# round timeout. Longer than that, so that a round that times out is still reported.
+RELOAD_TIMEOUT: Final = RELOAD_RESULT_TIMEOUT + 15.0
 # Exit codes of `ctl` and `reload`: the relay said no, or could not be asked.
 EXIT_REFUSED: Final = 1
 EXIT_UNREACHABLE: Final = 2
