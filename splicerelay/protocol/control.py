@@ -59,18 +59,40 @@ served at a time; the next one gets `{"ok":false,"error":"busy: ..."}` and is cl
 once, so try again. Malformed commands get an error reply and the connection stays usable.
 
 Nothing here touches a socket: `parse_command` reads one line and `format_command`
-writes one; `encode_reply` and `decode_reply` (from control_reply.py) do the same for
-replies. The socket, its limits and its timeouts are relay/control_socket.py's.
+writes one, and `HELP` is what `help` answers. The commands as data (`Command`, one
+dataclass each, with `AdminState` and the bounds on their numbers) are in
+control_command.py; `encode_reply` and `decode_reply` (from control_reply.py) read and
+write replies. This module re-exports both modules' public names, so importing from here
+is enough. The socket, its limits and its timeouts are relay/control_socket.py's.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+from splicerelay.protocol.control_command import (
+    MAX_CONNECTION_ID,
+    MAX_LIST_LIMIT,
+    MAX_SLOT,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+    AdminState,
+    Command,
+    CommandError,
+    CommandFailed,
+    Help,
+    KillConnection,
+    Reload,
+    SetUpstreamState,
+    SetUpstreamWeight,
+    ShowConnections,
+    ShowInfo,
+    ShowRoutes,
+    ShowUpstreams,
+    quote_word,
+)
 from splicerelay.protocol.control_reply import (
     MAX_REPLY_LENGTH,
     Reply,
@@ -118,181 +140,8 @@ __all__ = [
 # One command line, counting its "\n". HAProxy's CLI reads into a buffer of about this
 # size; a longer line cannot be a command and bounds what a client can make us hold.
 MAX_LINE_LENGTH: Final = 4096
-# The bounds of an upstream's weight. They are config.model's MIN/MAX too (the config
-# layer and this one may not import each other; a unit test checks that they agree).
-# The balancer takes positive weights only: weight 0 would mean "no new connections",
-# which `state drain` already says.
-MIN_WEIGHT: Final = 1
-MAX_WEIGHT: Final = 1000
-# `show connections --limit N`: at least one, and no more than a relay could hold.
-MAX_LIST_LIMIT: Final = 10_000_000
-MAX_CONNECTION_ID: Final = (1 << 63) - 1
-# A worker's slot in `kill connection SLOT:ID`: 0 .. workers-1, and workers is at most
-# config.model's MAX_WORKERS (1024); the bound here only keeps the number small.
-MAX_SLOT: Final = 1 << 16
 
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
-_QUOTE_MAX = 60
-
-
-class CommandError(ValueError):
-    """A line that is not a command; the message says why, for the person who typed it."""
-
-
-class CommandFailed(Exception):
-    """A command's handler refusing it (an unknown route, say): an error reply, not a bug.
-
-    `data`, if given, goes into the reply beside the message."""
-
-    def __init__(self, message: str, data: object = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.data = data
-
-
-class AdminState(enum.StrEnum):
-    """What an operator set on an upstream (HAProxy's READY, DRAIN and MAINT)."""
-
-    READY = "ready"  # takes new connections
-    DRAIN = "drain"  # no new connections; open ones go on
-    MAINT = "maint"  # drain, and no health checks either
-
-
-def _check_word(value: object, what: str) -> str:
-    """`value` as a word the parser could have read: printable, without spaces, not an option."""
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"{what} must be a non-empty word")
-    for ch in value:
-        if ch.isspace() or not ch.isprintable():
-            raise CommandError(f"{what} {_quote(value)} holds a space or an invisible character")
-    if value.startswith("--"):
-        raise CommandError(f"{what} {_quote(value)} starts with '--', which marks an option")
-    return value
-
-
-def _check_int(value: object, what: str, low: int, high: int) -> int:
-    # bool is an int to Python, but True is not a weight.
-    if type(value) is not int or not low <= value <= high:
-        raise CommandError(f"{what} must be a whole number from {low} to {high}")
-    return value
-
-
-@dataclass(frozen=True)
-class Help:
-    """`help`"""
-
-
-@dataclass(frozen=True)
-class ShowInfo:
-    """`show info`"""
-
-
-@dataclass(frozen=True)
-class ShowRoutes:
-    """`show routes`"""
-
-
-@dataclass(frozen=True)
-class ShowUpstreams:
-    """`show upstreams [ROUTE]`: every route's upstreams, or one route's."""
-
-    route: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.route is not None:
-            _check_word(self.route, "ROUTE")
-
-
-@dataclass(frozen=True)
-class ShowConnections:
-    """`show connections [ROUTE] [--limit N]`"""
-
-    route: str | None = None
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.route is not None:
-            _check_word(self.route, "ROUTE")
-        if self.limit is not None:
-            _check_int(self.limit, "N", 1, MAX_LIST_LIMIT)
-
-
-@dataclass(frozen=True)
-class SetUpstreamState:
-    """`set upstream ROUTE ADDRESS state ready|drain|maint [--kill-connections]`"""
-
-    route: str
-    address: str
-    state: AdminState
-    kill_connections: bool = False
-
-    def __post_init__(self) -> None:
-        _check_word(self.route, "ROUTE")
-        _check_word(self.address, "ADDRESS")
-        try:
-            state = AdminState(self.state)
-        except ValueError:
-            raise CommandError(
-                f"unknown state {_quote(str(self.state))} (ready, drain or maint)"
-            ) from None
-        object.__setattr__(self, "state", state)
-        if not isinstance(self.kill_connections, bool):
-            raise CommandError("kill_connections must be true or false")
-        if self.kill_connections and state is not AdminState.MAINT:
-            raise CommandError("--kill-connections goes with state maint only")
-
-
-@dataclass(frozen=True)
-class SetUpstreamWeight:
-    """`set upstream ROUTE ADDRESS weight N`"""
-
-    route: str
-    address: str
-    weight: int
-
-    def __post_init__(self) -> None:
-        _check_word(self.route, "ROUTE")
-        _check_word(self.address, "ADDRESS")
-        _check_int(self.weight, "the weight", MIN_WEIGHT, MAX_WEIGHT)
-
-
-@dataclass(frozen=True)
-class KillConnection:
-    """`kill connection ID`, ID being `NUMBER` or, with workers, `SLOT:NUMBER`.
-
-    `slot` is None for a plain number (a relay without workers); with workers, each
-    worker numbers its own connections, so the slot says whose number it is."""
-
-    id: int
-    slot: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int(self.id, "ID", 0, MAX_CONNECTION_ID)
-        if self.slot is not None:
-            _check_int(self.slot, "SLOT", 0, MAX_SLOT)
-
-    @property
-    def label(self) -> str:
-        """The ID as `show connections` prints it and the command line takes it."""
-        return str(self.id) if self.slot is None else f"{self.slot}:{self.id}"
-
-
-@dataclass(frozen=True)
-class Reload:
-    """`reload`"""
-
-
-Command = (
-    Help
-    | ShowInfo
-    | ShowRoutes
-    | ShowUpstreams
-    | ShowConnections
-    | SetUpstreamState
-    | SetUpstreamWeight
-    | KillConnection
-    | Reload
-)
 
 _USAGE: Final[dict[type[Any], str]] = {
     Help: "help",
@@ -350,12 +199,12 @@ def parse_command(line: bytes) -> Command:
     words = _words(line)
     verb, rest = words[0], words[1:]
     if verb in ("show", "set", "kill") and not rest:
-        raise CommandError(f"incomplete command {_quote(verb)}; usage: {_usages_of(verb)}")
+        raise CommandError(f"incomplete command {quote_word(verb)}; usage: {_usages_of(verb)}")
     name = f"{verb} {rest[0]}" if verb in ("show", "set", "kill") else verb
     parse = _PARSERS.get(name)
     if parse is None:
         raise CommandError(
-            f"unknown command {_quote(name)}; the commands are: {', '.join(COMMAND_NAMES)}"
+            f"unknown command {quote_word(name)}; the commands are: {', '.join(COMMAND_NAMES)}"
             " (send 'help' for their usage)"
         )
     return parse(rest[1:] if " " in name else rest)
@@ -392,12 +241,6 @@ def _usages_of(verb: str) -> str:
     return " | ".join(usage for kind, usage in _USAGE.items() if usage.split()[0] == verb)
 
 
-def _quote(word: str) -> str:
-    if len(word) > _QUOTE_MAX:
-        word = word[:_QUOTE_MAX] + "..."
-    return repr(word)
-
-
 class _Words:
     """The words after a command's name: positional ones and options, read once."""
 
@@ -413,7 +256,7 @@ class _Words:
                 continue
             name, equals, value = word.partition("=")
             if name not in options:
-                self.fail(f"unknown option {_quote(name)}")
+                self.fail(f"unknown option {quote_word(name)}")
             if name in self.options:
                 self.fail(f"{name} given twice")
             if options[name]:
@@ -436,12 +279,12 @@ class _Words:
         if count < low:
             self.fail("missing arguments")
         if count > high:
-            self.fail(f"unexpected {_quote(self.positional[high])}")
+            self.fail(f"unexpected {quote_word(self.positional[high])}")
         return self.positional + [""] * (high - count)
 
     def integer(self, word: str, what: str, low: int, high: int) -> int:
         if not _DIGITS.fullmatch(word) or not low <= int(word) <= high:
-            self.fail(f"{what} must be a whole number from {low} to {high}, not {_quote(word)}")
+            self.fail(f"{what} must be a whole number from {low} to {high}, not {quote_word(word)}")
         return int(word)
 
 
@@ -486,7 +329,7 @@ def _set_upstream(words: Sequence[str]) -> Command:
     if what == "state":
         usage = _USAGE[SetUpstreamState]
         if value not in tuple(AdminState):
-            raise CommandError(f"unknown state {_quote(value)}; usage: {usage}")
+            raise CommandError(f"unknown state {quote_word(value)}; usage: {usage}")
         return _build(usage, lambda: SetUpstreamState(route, address, AdminState(value), kill))
     if what == "weight":
         usage = _USAGE[SetUpstreamWeight]
@@ -494,7 +337,7 @@ def _set_upstream(words: Sequence[str]) -> Command:
             raise CommandError(f"--kill-connections goes with state maint only; usage: {usage}")
         weight = _Words([], usage, {}).integer(value, "the weight", MIN_WEIGHT, MAX_WEIGHT)
         return _build(usage, lambda: SetUpstreamWeight(route, address, weight))
-    raise CommandError(f"expected 'state' or 'weight', not {_quote(what)}; usage: {usage}")
+    raise CommandError(f"expected 'state' or 'weight', not {quote_word(what)}; usage: {usage}")
 
 
 def _kill_connection(words: Sequence[str]) -> Command:
@@ -505,7 +348,7 @@ def _kill_connection(words: Sequence[str]) -> Command:
     if not colon:
         return KillConnection(parsed.integer(word, "ID", 0, MAX_CONNECTION_ID))
     if not _DIGITS.fullmatch(slot_word) or not _DIGITS.fullmatch(number):
-        parsed.fail(f"ID must be a number or SLOT:NUMBER, not {_quote(word)}")
+        parsed.fail(f"ID must be a number or SLOT:NUMBER, not {quote_word(word)}")
     slot = parsed.integer(slot_word, "SLOT", 0, MAX_SLOT)
     return KillConnection(parsed.integer(number, "ID", 0, MAX_CONNECTION_ID), slot)
 
