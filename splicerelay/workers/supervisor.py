@@ -16,6 +16,11 @@ It is a process manager, not a relay: no trio, no connections. It
 - serves the control socket for all of them (control.py, in a thread of its own:
   control_thread.py), and replays the upstreams' admin states to a restarted worker.
 
+The Supervisor here says what to do on each event; supervisor_loop.py waits for the
+events (signals, the notify socket, the control socket's requests, timers). A reload's
+rounds are followed by reload_rounds.py; supervisor_reloads.py reads the file for a
+reload and keeps what is said of each one (counts, `show info`'s last reload, log lines).
+
 Workers read the config text the supervisor validated (config_copy.py), so that every
 worker, including one restarted later, runs the config the supervisor accepted, never a
 half-edited file. Nothing here writes to the file system: the copies are memfds, and the
@@ -27,49 +32,34 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
 import signal
 import socket
 import time
-from collections.abc import Collection
-from dataclasses import dataclass, field
-from functools import cached_property
 
 from splicerelay import __version__
-from splicerelay.config import Config, ConfigError, read_config, worker_count
-from splicerelay.config.addresses import ListenAddress, UnixAddress
-from splicerelay.datapath.stats import ReloadRecord
+from splicerelay.config import Config, ConfigError, worker_count
 from splicerelay.ops.control_path import ControlPathError
 from splicerelay.ops.metrics import MetricsServer
-from splicerelay.ops.service import (
-    STATUS_INTERVAL,
-    WATCH_INTERVAL,
-    FileWatch,
-    RunOptions,
-    configure_logs,
-    log_reload_refused,
-    status_line,
-    warn_restart_only_changes,
-)
-from splicerelay.ops.systemd import Notifier, NotifyReceiver, passed_sockets, watchdog_interval
+from splicerelay.ops.service import RunOptions, configure_logs, status_line
+from splicerelay.ops.systemd import Notifier, NotifyReceiver, passed_sockets
 from splicerelay.relay.control_socket import ControlSocketError
 from splicerelay.relay.listeners import ListenError, ListenerSet, Role
 from splicerelay.workers.contract import CUT_SIGNAL
-from splicerelay.workers.control_link import (
-    ControlLink,
-    iso_time,
-    reload_record,
-    start_control,
-    text_sha256,
-)
+from splicerelay.workers.control_link import ControlLink, iso_time, start_control
 from splicerelay.workers.control_thread import ReloadRequest
 from splicerelay.workers.merged_metrics import Exposition
 from splicerelay.workers.pool import WorkerPool
 from splicerelay.workers.reload_rounds import ReloadRounds
 from splicerelay.workers.rendezvous import Rendezvous, open_rendezvous
 from splicerelay.workers.scrape import WorkerScraper, make_merged_registry
+from splicerelay.workers.supervisor_loop import supervise
 from splicerelay.workers.supervisor_metrics import supervisor_families
-from splicerelay.workers.wakeup import received, signal_wakeup
+from splicerelay.workers.supervisor_reloads import (
+    ReloadHistory,
+    ReloadRefused,
+    Snapshot,
+    read_reload,
+)
 from splicerelay.workers.worker_table import (
     Worker,
     WorkerTable,
@@ -79,36 +69,7 @@ from splicerelay.workers.worker_table import (
 
 log = logging.getLogger("splicerelay")
 
-TICK = 0.5  # seconds between looks at timers when nothing else happens
 STOP_GRACE = 15.0  # after shutdown_timeout, seconds before SIGKILL to stuck workers
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A config the supervisor accepted, and the text the workers load it from."""
-
-    config: Config
-    text: str
-    loaded_at: float = field(default_factory=time.time)  # unix time it was accepted
-
-    @cached_property
-    def sha256(self) -> str:
-        return text_sha256(self.text)
-
-
-def new_unix_listener(config: Config, addresses: Collection[ListenAddress]) -> str | None:
-    """Why a reload to `config` cannot happen with workers, or None.
-
-    Why: a TCP listener that a reload adds is bound by every worker with SO_REUSEPORT,
-    but a unix socket path can be bound only once, so workers cannot share a new one.
-    """
-    for route in config.routes:
-        if isinstance(route.listen, UnixAddress) and route.listen not in addresses:
-            return (
-                f"route {route.name}: a new unix socket listener"
-                f" ({route.listen}) needs a restart when workers > 1"
-            )
-    return None
 
 
 def ready_fields(pids: list[int], config: Config, listeners: ListenerSet) -> dict[str, object]:
@@ -121,6 +82,8 @@ def ready_fields(pids: list[int], config: Config, listeners: ListenerSet) -> dic
 
 
 class Supervisor:
+    """What the supervisor does on each event; supervisor_loop.supervise() runs it."""
+
     def __init__(
         self,
         options: RunOptions,
@@ -137,13 +100,10 @@ class Supervisor:
         self.listeners = listeners
         self.rendezvous = rendezvous
         self.table = WorkerTable(worker_count(config.workers), worker_watchdog_seconds(os.environ))
-        self.reloads = ReloadRecord()
+        self.history = ReloadHistory()
         self.rounds = ReloadRounds(Snapshot(config, config_text))
         self.announced = False  # READY=1 sent to the real service manager
         self.started_at = time.time()
-        # `show info`'s last reload: {"result": "ok"|"refused", "time", "trigger", "error"}
-        self.last_reload: dict[str, object] | None = None
-        self._triggers: dict[int, str] = {}  # reload round -> what asked for it
         self.link: ControlLink | None = None  # the control socket, when it is on
         self.stopping = False
         self._stop_deadline: float | None = None
@@ -185,8 +145,8 @@ class Supervisor:
             "config_path": self.path,
             "config_sha256": snapshot.sha256,
             "config_loaded": iso_time(snapshot.loaded_at),
-            "last_reload": self.last_reload,
-            "reloads": dict(self.reloads.counts),
+            "last_reload": self.history.last,
+            "reloads": dict(self.history.record.counts),
             "control_socket": None if self.link is None else self.link.thread.path,
         }
 
@@ -197,7 +157,7 @@ class Supervisor:
 
     def own_families(self) -> Exposition:
         """The supervisor's own metrics (read from the metrics threads)."""
-        return supervisor_families(self.table.restarts, self.reloads, len(self.pool.views))
+        return supervisor_families(self.table.restarts, self.history.record, len(self.pool.views))
 
     # ----- workers -------------------------------------------------------------------
 
@@ -259,23 +219,16 @@ class Supervisor:
             return
         self.notifier.reloading()
         try:
-            config, text = read_config(self.path)
-        except ConfigError as error:
+            snapshot = read_reload(self.path, self.config, self.listeners.addresses())
+        except (ConfigError, ReloadRefused) as error:
             self._refuse(reason, error, request)
             return
-        refusal = new_unix_listener(config, self.listeners.addresses())
-        if refusal is not None:
-            self._refuse(reason, refusal, request)
-            return
-        warn_restart_only_changes(self.config, config, ("metrics", "workers"))
-        if config.control != self.config.control:
-            log.warning("control.socket changed: it takes effect at the next restart")
         waiting = set(self.table.pids())
-        number = self.rounds.start(Snapshot(config, text), waiting, time.monotonic())
-        self._triggers[number] = reason
+        number = self.rounds.start(snapshot, waiting, time.monotonic())
+        self.history.started(number, reason)
         if request is not None and self.link is not None:
             self.link.wait_for_round(number, request)
-        configure_logs(self.options, config)
+        configure_logs(self.options, snapshot.config)
         log.info(
             "reloading every worker",
             extra={"fields": {"reason": reason, "workers": sorted(waiting)}},
@@ -283,12 +236,8 @@ class Supervisor:
         self.pool.reload_all()
         self.finish_reloads(time.monotonic())
 
-    def _refuse(
-        self, reason: str, error: Exception | str, request: ReloadRequest | None = None
-    ) -> None:
-        self.reloads.record("failure")
-        self.last_reload = reload_record(reason, str(error))
-        log_reload_refused(reason, error)
+    def _refuse(self, reason: str, error: Exception, request: ReloadRequest | None) -> None:
+        self.history.refused(reason, error)
         self.notifier.ready(self.status())
         if request is not None and self.link is not None:
             self.link.refuse(request, str(error))
@@ -297,32 +246,13 @@ class Supervisor:
         """Count the reloads every worker has answered (or that timed out), in order,
         and do what each outcome asks."""
         for outcome in self.rounds.finish(now):
-            if outcome.timed_out:
-                log.warning(
-                    "workers did not report a reload in time",
-                    extra={"fields": {"workers": list(outcome.timed_out)}},
-                )
-            self.reloads.record(outcome.result)
-            trigger = self._triggers.pop(outcome.number, "reload")
-            self.last_reload = reload_record(trigger, None)
             if outcome.restore is not None:
                 # Every worker refused it (a name that does not resolve, say) and runs the
                 # config from before: so must a worker restarted or reloaded from here
-                # on (the rounds' current snapshot is that one again).
+                # on (the rounds' current snapshot is that one again). Before the log
+                # lines of its end, so that they come out as the restored config says.
                 configure_logs(self.options, outcome.restore.config)
-            if outcome.result == "failure":
-                self.last_reload = reload_record(
-                    trigger,
-                    "every worker refused the new config"
-                    if outcome.refused_by_all
-                    else "the new config is not live in every worker",
-                )
-                log.error(
-                    "reload failed in every worker; the running config stays"
-                    if outcome.refused_by_all
-                    else "reload failed in some workers; see their log lines",
-                    extra={"fields": {"workers": list(outcome.failed)}},
-                )
+            self.history.ended(outcome)
             if outcome.close_dropped_listeners:
                 # The supervisor's copies of listeners no route uses any more: closed
                 # now, so a restarted worker does not get them (the workers close theirs
@@ -363,72 +293,16 @@ class Supervisor:
             self.pool.signal_all(signal.SIGKILL)
             self._stop_deadline = None
 
-    # ----- the loop ------------------------------------------------------------------
+    # ----- the loop (supervisor_loop.py runs it) ---------------------------------------
 
-    def run(self) -> int:
-        """Start the workers and supervise them until they have all stopped."""
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-        with signal_wakeup(handled) as wakeup, selectors.DefaultSelector() as selector:
-            selector.register(wakeup, selectors.EVENT_READ, "signal")
-            selector.register(self.receiver.fileno(), selectors.EVENT_READ, "notify")
-            if self.link is not None:
-                selector.register(self.link.thread.wakeup, selectors.EVENT_READ, "control")
-            try:
-                try:
-                    for slot in range(self.count):
-                        self.rounds.worker_started(self.pool.spawn(slot).pid)
-                except OSError as error:
-                    log.error(f"cannot start a worker: {error.strerror or error}")
-                    return 1
-                self._loop(selector, wakeup)
-            finally:
-                if self.table:  # only on an unexpected error: do not leave them behind
-                    self.pool.kill_all_and_wait()
+    def start_workers(self) -> None:
+        """Start a worker in every slot; raises OSError."""
+        for slot in range(self.count):
+            self.rounds.worker_started(self.pool.spawn(slot).pid)
+
+    @property
+    def exit_code(self) -> int:
         return self._exit_code
-
-    def _loop(self, selector: selectors.BaseSelector, wakeup: socket.socket) -> None:
-        watchdog = watchdog_interval()
-        # Pings must not wait a whole TICK when the watchdog wants them more often.
-        tick = min(TICK, watchdog / 2) if watchdog else TICK
-        next_watchdog = time.monotonic()
-        next_status = time.monotonic() + STATUS_INTERVAL
-        last_status = ""
-        watch = FileWatch(self.path) if self.options.watch else None
-        next_watch = time.monotonic() + WATCH_INTERVAL
-        while not (self.stopping and not self.table):
-            timeout = self.table.next_timeout(time.monotonic(), tick)
-            for key, _events in selector.select(timeout):
-                if key.data == "signal":
-                    for signum in received(wakeup):
-                        self.handle_signal(signum)
-                elif key.data == "control":
-                    assert self.link is not None
-                    for request in self.link.thread.take_reload_requests():
-                        self.reload("control socket", request)
-                else:
-                    self.read_notifications()
-            self.reap()
-            now = time.monotonic()
-            if not self.stopping:
-                self.restart_due(now)
-            self.finish_reloads(now)
-            self.check_stop_deadline(now)
-            if not self.stopping:
-                self.pool.kill_hung(now)
-            if watchdog and now >= next_watchdog:
-                self.notifier.watchdog()
-                next_watchdog = now + watchdog
-            if self.notifier.enabled and self.announced and now >= next_status:
-                next_status = now + STATUS_INTERVAL
-                status = self.status()
-                if status != last_status and not self.stopping:
-                    self.notifier.status(status)
-                    last_status = status
-            if watch is not None and now >= next_watch:
-                next_watch = now + WATCH_INTERVAL
-                if watch.changed():
-                    self.reload("file changed")
-            self.publish()
 
     def handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -495,7 +369,7 @@ def run_supervisor(options: RunOptions, config: Config, config_text: str) -> int
             "starting workers",
             extra={"fields": {"workers": supervisor.count, "version": __version__}},
         )
-        code = supervisor.run()
+        code = supervise(supervisor)
     finally:
         if metrics_server is not None:
             metrics_server.close()
