@@ -130,7 +130,7 @@ def available(up: Sequence[bool], admin: Sequence[AdminState]) -> list[bool]:
     """The `up` flags to give a strategy: `takes_new_connections` of each upstream."""
     if len(up) != len(admin):
         raise ValueError(f"{len(up)} up flags for {len(admin)} admin states")
-    return [flag and state is AdminState.READY for flag, state in zip(up, admin, strict=True)]
+    return [takes_new_connections(flag, state) for flag, state in zip(up, admin, strict=True)]
 
 
 # ----- strategies ---------------------------------------------------------------------
