@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import select
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -73,6 +74,9 @@ class Reactor:
         self._added_this_round: set[int] = set()
         self._dispatching = False
         self._next_retry = 0.0
+        # Called after every round of handlers: what a round's connections left to do
+        # once, together (the access log writes the round's lines in one go).
+        self.after_round: Callable[[], None] | None = None
 
     def set_interest(self, fd: int, current: int, wanted: int, handler: Handler) -> None:
         """Move `fd` from interest `current` to `wanted` (0 = not registered).
@@ -141,6 +145,8 @@ class Reactor:
                     finally:
                         self._waiting_without_timeout = False
                 self._dispatch(epoll.poll(0, MAX_EVENTS), handlers)
+                if self.after_round is not None:
+                    self.after_round()
         finally:
             trio.lowlevel.notify_closing(epoll)
             epoll.close()

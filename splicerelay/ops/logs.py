@@ -1,7 +1,8 @@
 """Log output: JSON lines (the default, for journald and collectors) or plain text.
 
 Diagnostics go to stderr. The access log, one line per finished connection, goes to
-stdout so that it can be routed separately. A text line is `TIME LEVEL MESSAGE` and then
+stdout so that it can be routed separately; it is written by ops/access_log.py in the
+same formats, without going through `logging`. A text line is `TIME LEVEL MESSAGE` and then
 the fields as logfmt (ops/logfmt.py). A stream connected to journald gets each line's
 syslog priority as a `<N>` prefix (ops/journal.py).
 """
@@ -16,6 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+from splicerelay.ops.access_log import ACCESS_LOG
 from splicerelay.ops.journal import JournalPriority, is_journal_stream
 from splicerelay.ops.logfmt import format_fields
 
@@ -66,10 +68,15 @@ def stream_handler(
 
 
 def configure(
-    level: str, format: str, access_log: bool, environ: Mapping[str, str] | None = None
+    level: str,
+    format: str,
+    access_log: bool,
+    environ: Mapping[str, str] | None = None,
+    worker: int | None = None,
 ) -> None:
     """Diagnostics to stderr and, if on, the access log to stdout; `environ` (default
-    os.environ) says whether either stream is journald's."""
+    os.environ) says whether either stream is journald's. `worker` is the slot a worker
+    process tags its access lines with."""
     environ = os.environ if environ is None else environ
     formatter: logging.Formatter = JsonFormatter() if format == "json" else TextFormatter()
     root = logging.getLogger("splicerelay")
@@ -77,12 +84,5 @@ def configure(
     root.addHandler(stream_handler(sys.stderr, formatter, environ))
     root.setLevel(LEVELS[level])
     root.propagate = False
-
-    access = logging.getLogger("splicerelay.access")
-    access.handlers.clear()
-    access.propagate = False
-    if access_log:
-        access.addHandler(stream_handler(sys.stdout, formatter, environ))
-        access.setLevel(logging.INFO)
-    else:
-        access.setLevel(logging.CRITICAL + 1)
+    # The access log does not go through logging (see ops/access_log.py).
+    ACCESS_LOG.configure(access_log, format, environ, worker)

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from splicerelay.config import Config
 from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
 from splicerelay.datapath.stats import Histogram, RelayStats, RouteStats
+from splicerelay.ops.access_log import ACCESS_LOG
 from splicerelay.protocol.outcome import Outcome
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
@@ -138,6 +139,11 @@ class RelayCollector(Collector):
             "splicerelay_pipe_resize_failures",
             "Pipes the kernel would not grow to pipe_size (F_SETPIPE_SZ refused).",
             value=pipes.resize_failures,
+        )
+        yield CounterMetricFamily(
+            "splicerelay_access_log_dropped",
+            "Access-log lines lost: the output (stdout) did not take them in time.",
+            value=ACCESS_LOG.dropped,
         )
         build = GaugeMetricFamily(
             "splicerelay_build_info", "The running version; always 1.", labels=["version"]

@@ -32,12 +32,14 @@ class RunOptions:
     metrics_address: Address | None = None  # where /metrics is served, if anywhere
 
 
-def configure_logs(options: RunOptions, config: Config) -> None:
-    """Logging as the config says, with the command line's overrides on top."""
+def configure_logs(options: RunOptions, config: Config, worker: int | None = None) -> None:
+    """Logging as the config says, with the command line's overrides on top; `worker`
+    is the slot of a worker process, for its access lines."""
     logs.configure(
         options.log_level or config.log.level,
         options.log_format or config.log.format,
         config.log.access_log,
+        worker=worker,
     )
 
 

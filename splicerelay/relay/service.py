@@ -29,6 +29,7 @@ from splicerelay.config import Config, ConfigError, config_warnings, read_config
 from splicerelay.config.addresses import Address
 from splicerelay.datapath.session import Session
 from splicerelay.datapath.stats import RelayStats
+from splicerelay.ops.access_log import ACCESS_LOG
 from splicerelay.ops.control_path import (
     ControlPathError,
     ControlPlace,
@@ -67,10 +68,8 @@ from splicerelay.relay.lifecycle import Relay
 from splicerelay.relay.listeners import ListenerSet
 from splicerelay.relay.passed import listening_on
 from splicerelay.relay.routes import RouteRuntime, StartupError, prepare_routes
-from splicerelay.relay.sessions import session_record
 
 log = logging.getLogger("splicerelay")
-access_log = logging.getLogger("splicerelay.access")
 
 # Diagnostics only: set to 1 to move every byte through user space instead of splice(2),
 # e.g. to rule the zero-copy path in or out while chasing a problem.
@@ -108,10 +107,10 @@ class WorkerTag(logging.Filter):
 def configure_service_logs(
     options: RunOptions, config: Config, worker: AsWorker | None = None
 ) -> None:
-    configure_logs(options, config)
+    configure_logs(options, config, None if worker is None else worker.slot)
     if worker is not None:
         tag = WorkerTag(worker.slot)
-        for handler in (*log.handlers, *access_log.handlers):
+        for handler in log.handlers:
             handler.addFilter(tag)
 
 
@@ -127,8 +126,17 @@ def log_config_warnings(config: Config, worker: AsWorker | None) -> None:
 
 
 def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("connection", extra={"fields": session_record(runtime, session, outcome)})
+    """The access line of a finished connection (see relay/sessions.session_record for
+    what each field means)."""
+    ACCESS_LOG.write(
+        runtime.route.name,
+        session.client_address,
+        session.upstream_label or None,
+        session.bytes_in,
+        session.bytes_out,
+        trio.current_time() - session.started,
+        outcome.value,
+    )
 
 
 def relay_status(relay: Relay) -> str:
@@ -270,6 +278,7 @@ async def serve_until_signalled(
                     }
                 },
             )
+            nursery.start_soon(ACCESS_LOG.keep_flushing)
             if notifier.enabled:
                 nursery.start_soon(keep_service_manager_informed, relay, notifier)
             if reloader.options.watch:
@@ -361,6 +370,7 @@ def run_relay(
     relay = Relay(
         config, runtimes, stats, listeners, use_splice=use_splice, access=write_access_log
     )
+    relay.reactor.after_round = ACCESS_LOG.flush
     if worker is not None and worker.admin_snapshot:
         try:
             apply_admin_snapshot(relay, worker.admin_snapshot)
@@ -399,6 +409,9 @@ def run_relay(
     try:
         trio.run(serve_until_signalled, relay, notifier, reloader, control)
     finally:
+        # Every connection has ended by now: its line is written before the process
+        # exits, whether the drain ended on SIGTERM, in a worker told to stop, or here.
+        ACCESS_LOG.close()
         notifier.close()
         if metrics_server is not None:
             metrics_server.close()

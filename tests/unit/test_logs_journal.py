@@ -16,6 +16,7 @@ from typing import IO
 import pytest
 
 from splicerelay.ops import logs
+from splicerelay.ops.access_log import ACCESS_LOG
 from splicerelay.ops.journal import (
     JournalPriority,
     is_journal_stream,
@@ -69,6 +70,8 @@ def restore_loggers() -> Iterator[None]:
         logger = logging.getLogger(name)
         saved.append((logger, list(logger.handlers), logger.level, logger.propagate))
     yield
+    ACCESS_LOG.close()
+    ACCESS_LOG.enabled = False
     for logger, handlers, level, propagate in saved:
         logger.handlers[:] = handlers
         logger.setLevel(level)
@@ -159,7 +162,9 @@ def log_one_of_each() -> None:
     log.info("ready")
     log.warning("upstream down", extra={"fields": {"upstream": "127.0.0.1:1"}})
     log.error("reload failed")
-    logging.getLogger("splicerelay.access").info("connection", extra={"fields": {"route": "web"}})
+    ACCESS_LOG.write("web", "127.0.0.1:50000", None, 0, 0, 0.0, "ok")
+    # Written and let go of: the access log holds a descriptor of its own on stdout.
+    ACCESS_LOG.close()
 
 
 def configure_on(

@@ -1,0 +1,137 @@
+"""The access log: one line on stdout per finished connection, cheap enough to keep on.
+
+`ACCESS_LOG` is the process's one access log, as `logging` has one logger tree: the
+service configures it from `log:` (ops/logs.configure) and the relay hands it each
+finished connection. A line is built directly (ops/access_line.py) into a bounded
+buffer that is written in batches without blocking (ops/access_output.py): at the end
+of each reactor round (`flush`), within FLUSH_INTERVAL for lines finished elsewhere
+(`keep_flushing`), before the format changes on a reload, and at exit (`close`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import IO
+
+import trio
+
+from splicerelay.ops.access_line import AccessLineFormat, MillisecondClock
+from splicerelay.ops.access_output import FLUSH_INTERVAL, AccessOutput, Output
+from splicerelay.ops.journal import is_journal_stream
+
+
+class TextStreamOutput(Output):
+    """A stream without an fd (a test's capture): written through, as logging did."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.fd = -1
+        self.chunk = 1 << 16
+        self.blocking = True
+        self._stream = stream
+
+    def write(self, data: memoryview) -> int:
+        self._stream.write(bytes(data).decode("utf-8", "backslashreplace"))
+        self._stream.flush()
+        return len(data)
+
+    def close(self) -> None:
+        """The stream is not ours to close."""
+
+
+def open_output(stream: IO[str]) -> Output:
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return TextStreamOutput(stream)
+    return Output(fd)
+
+
+class AccessLog:
+    """Turned on and formatted by `configure`; `write` is a no-op while it is off."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._format = AccessLineFormat("json")
+        self._clock = MillisecondClock()
+        self._buffer: AccessOutput | None = None
+        self._dropped_before = 0  # lines dropped by outputs closed since
+        self._lines_waiting = trio.Event()
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost for good since the process started (see AccessOutput)."""
+        current = 0 if self._buffer is None else self._buffer.dropped
+        return self._dropped_before + current
+
+    def configure(
+        self,
+        enabled: bool,
+        format: str,
+        environ: Mapping[str, str],
+        worker: int | None = None,
+        stream: IO[str] | None = None,
+    ) -> None:
+        """On or off, in `format`, to `stream` (default: stdout); what is buffered in
+        the old format is written first."""
+        self.flush()
+        stream = sys.stdout if stream is None else stream
+        self._format = AccessLineFormat(format, is_journal_stream(stream, environ), worker)
+        self.enabled = enabled
+        if enabled and self._buffer is None:
+            self._buffer = AccessOutput(open_output(stream))
+
+    def write(
+        self,
+        route: str,
+        client: str,
+        upstream: str | None,
+        bytes_in: int,
+        bytes_out: int,
+        duration_seconds: float,
+        outcome: str,
+    ) -> None:
+        buffer = self._buffer
+        if not self.enabled or buffer is None:
+            return
+        if not buffer.pending:
+            # The first line since the last write: make sure it goes out within
+            # FLUSH_INTERVAL even if no reactor round ends before then.
+            self._lines_waiting.set()
+        buffer.add(
+            self._format.line(
+                self._clock.now(),
+                route,
+                client,
+                upstream,
+                bytes_in,
+                bytes_out,
+                duration_seconds,
+                outcome,
+            )
+        )
+
+    def flush(self) -> None:
+        """Write what the output takes now (the reactor calls this after each round)."""
+        if self._buffer is not None:
+            self._buffer.flush()
+
+    async def keep_flushing(self) -> None:
+        """Write lines finished outside a reactor round within FLUSH_INTERVAL."""
+        while True:
+            await self._lines_waiting.wait()
+            self._lines_waiting = trio.Event()
+            await trio.sleep(FLUSH_INTERVAL)
+            self.flush()
+            if self._buffer is not None and self._buffer.pending:
+                self._lines_waiting.set()  # the output is blocked: try again later
+
+    def close(self) -> None:
+        """Write the rest (waiting a bounded time for the output) and let go of it."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            buffer.close()
+            self._dropped_before += buffer.dropped
+
+
+ACCESS_LOG = AccessLog()
