@@ -117,6 +117,9 @@ class Route:
     proxy_protocol_trusted: tuple[Network, ...] = ()
     allow_applies_to: str = "both"
     proxy_protocol_max_header: int = DEFAULT_PROXY_PROTOCOL_MAX_HEADER
+    # TCP_DEFER_ACCEPT on the listener: a connection is accepted once the client has
+    # sent something (see relay/listeners.py). Only for TCP listeners the relay binds.
+    defer_accept: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Tunables:
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
     max_connections_per_source: int | None = None
     proxy_protocol_max_header: int = DEFAULT_PROXY_PROTOCOL_MAX_HEADER
+    defer_accept: bool = False
 
 
 def route_with(tunables: Tunables, **settings: Any) -> Route:

@@ -55,6 +55,7 @@ def _route_data(route: Route) -> dict[str, Any]:
     return {
         "name": route.name,
         "listen": str(route.listen),
+        "defer_accept": route.defer_accept,
         "upstreams": [
             {
                 "address": str(upstream.address),

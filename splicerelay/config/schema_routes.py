@@ -14,7 +14,9 @@ import yaml
 from splicerelay.config.addresses import (
     AddressError,
     ListenAddress,
+    SystemdSocketAddress,
     TcpAddress,
+    UnixAddress,
     parse_listen_address,
 )
 from splicerelay.config.model import (
@@ -59,6 +61,7 @@ TUNABLE_KEYS = (
     "proxy_protocol_timeout",
     "resolve_interval",
     "proxy_protocol_max_header",
+    "defer_accept",
 )
 HEALTH_CHECK_KEYS = ("interval", "timeout", "rise", "fall", "send", "expect")
 ROUTE_KEYS = (
@@ -99,18 +102,23 @@ class RouteReader(ValueReader):
     def __init__(self, filename: str) -> None:
         super().__init__(filename)
         self.listeners: list[Listener] = []
+        # The nodes of the keys `defaults` sets, to say where a route got a setting from.
+        self.default_nodes: dict[str, yaml.Node] = {}
 
     def tunables(self, node: yaml.Node, path: str, base: Tunables) -> Tunables:
         misplaced = "can only be set in each route, not in defaults"
         section = self.mapping(node, path, TUNABLE_KEYS, elsewhere=ROUTE_KEYS, misplaced=misplaced)
-        return base if section is None else self.overrides(section, base)
+        if section is None:
+            return base
+        self.default_nodes = dict(section.fields)
+        return self.overrides(section, base)
 
     def overrides(self, section: CheckedMapping, base: Tunables) -> Tunables:
         """`base` with the tunables `section` sets; a bad value is reported, and ignored.
 
         The optional limits may be set to null, so that a route can lift a limit its
         defaults set."""
-        readers: dict[str, Callable[[yaml.Node, str], float | int | None]] = {
+        readers: dict[str, Callable[[yaml.Node, str], float | int | bool | None]] = {
             "connect_timeout": self.duration,
             "idle_timeout": self.duration,
             "max_duration": lambda node, path: self.duration(node, path, or_null=True),
@@ -129,6 +137,7 @@ class RouteReader(ValueReader):
             "proxy_protocol_max_header": lambda node, path: self.size(
                 node, path, MIN_PROXY_PROTOCOL_MAX_HEADER, MAX_PROXY_PROTOCOL_MAX_HEADER
             ),
+            "defer_accept": self.boolean,
         }
         changes: dict[str, Any] = {}
         for key, read in readers.items():
@@ -203,6 +212,8 @@ class RouteReader(ValueReader):
             return None
         if allow_applies_to is None:
             return None
+        if not self.defer_accept_fits(section, listen, tunables):
+            return None
         return route_with(
             tunables,
             name=name,
@@ -217,6 +228,39 @@ class RouteReader(ValueReader):
             proxy_protocol_trusted=trusted,
             allow_applies_to=allow_applies_to,
         )
+
+    def defer_accept_fits(
+        self, section: CheckedMapping, listen: ListenAddress, tunables: Tunables
+    ) -> bool:
+        """Whether the route's listener can take `defer_accept` as it is; reports why not.
+
+        TCP_DEFER_ACCEPT is a TCP option: a unix socket has no handshake to hold back. A
+        socket systemd passes (`systemd:NAME`) takes it from its socket unit's
+        DeferAcceptSec=, which the relay leaves as the unit set it (see
+        relay/listeners.py). Set in `defaults`, the error is reported at the route's
+        listen, naming the line in `defaults`, since the fix is on the route."""
+        if not tunables.defer_accept:
+            return True
+        if isinstance(listen, UnixAddress):
+            why = f"{listen} is a unix socket, and TCP_DEFER_ACCEPT is for TCP listeners only"
+        elif isinstance(listen, SystemdSocketAddress):
+            why = (
+                f"{listen} is a socket systemd passes, and its socket unit decides:"
+                " set DeferAcceptSec= there (e.g. DeferAcceptSec=1)"
+            )
+        else:
+            return True
+        if "defer_accept" in section.fields:
+            self.report(section.fields["defer_accept"], f"{section.path}.defer_accept", why)
+        else:
+            where = line_of(self.default_nodes["defer_accept"])
+            self.report(
+                section.fields["listen"],
+                f"{section.path}.listen",
+                f"defaults.defer_accept (line {where}) is true, but {why};"
+                " set defer_accept: false on this route",
+            )
+        return False
 
     def health_check(self, node: yaml.Node, path: str) -> HealthCheck | None:
         """The active checks `node` asks for: true is all defaults, false none. None when

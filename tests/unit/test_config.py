@@ -605,7 +605,7 @@ ROUTE_KEYS_LIST = (
     " proxy_protocol_trusted, allow, deny, allow_applies_to,"
     " health_check, connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
-    " proxy_protocol_max_header"
+    " proxy_protocol_max_header, defer_accept"
 )
 TOP_KEYS_LIST = (
     "workers, shutdown_timeout, max_connections, metrics, control, log, defaults, routes"
@@ -613,7 +613,7 @@ TOP_KEYS_LIST = (
 DEFAULTS_KEYS_LIST = (
     "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
-    " proxy_protocol_max_header"
+    " proxy_protocol_max_header, defer_accept"
 )
 HEALTH_CHECK_KEYS_LIST = "interval, timeout, rise, fall, send, expect"
 DURATION_HINT = "(e.g. 250ms, 5s, 1.5s, 1m, 1h)"
@@ -1287,6 +1287,7 @@ log:
 routes:
 - name: web
   listen: 127.0.0.1:8080
+  defer_accept: false
   upstreams:
   - address: 127.0.0.1:8000
     weight: 1
