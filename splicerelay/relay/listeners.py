@@ -9,6 +9,14 @@ takes which one): a route takes the passed socket bound to its `listen`, or with
 With `workers` above 1 the listeners are shared (see Role): the supervisor binds every
 listener once and hands it to each worker (see workers/pool.py), and a TCP listener
 that a reload adds is bound by every worker on its own with SO_REUSEPORT.
+
+A route's `defer_accept` sets TCP_DEFER_ACCEPT on the listeners the relay binds, and
+clears it when off, at start and on every reload, kept listeners included. Socket options
+belong to the socket, not to the fd: a listener the supervisor bound is one socket in
+every worker, and each worker sets the same value on it; one a reload adds is a socket
+per worker, and each sets its own. A socket the service manager passed is left as its
+socket unit made it (DeferAcceptSec=): a route that asks for defer_accept on one that
+does not defer accept is refused, rather than changing what the unit says.
 """
 
 from __future__ import annotations
@@ -33,6 +41,20 @@ from splicerelay.relay.passed import claim_passed, listening_on
 from splicerelay.relay.upstreams import ResolveError, resolve
 
 LISTEN_BACKLOG = 4096
+
+# Why 1 second, as HAProxy's `defer-accept` sets: the kernel keeps no time. It rounds the
+# seconds up to a count of SYN-ACK retransmission timeouts (1s, then 2s, 4s, ... from
+# TCP_TIMEOUT_INIT) and getsockopt reads that count back in seconds: 1 reads 1, 5 reads 7.
+# Until the count runs out, the bare ACK that ends the client's handshake is dropped and
+# the connection waits in SYN-RECV, in the SYN queue rather than the accept queue; the
+# first segment with data (or a FIN) completes it, and accept() returns it with its
+# first bytes there to splice. A client that stays silent is not refused: its side is
+# established at once, and when the count runs out the kernel resends the SYN-ACK, whose
+# ACK completes the connection without data. One is the shortest wait there is: a
+# silent client (or a server-speaks-first protocol such as SSH or SMTP, whose client
+# waits for a banner) is accepted about a second late, where longer values would hold it
+# for seconds.
+DEFER_ACCEPT_SECONDS = 1
 
 
 class Role(enum.Enum):
@@ -88,6 +110,25 @@ def open_listener(
         sock.close()
         raise ListenError(f"cannot listen on {address}: {error.strerror}") from None
     return sock
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def defer_accept_of(sock: socket.socket) -> int:
+    """The TCP_DEFER_ACCEPT of TCP listener `sock` in seconds, as the kernel rounded
+    them (see DEFER_ACCEPT_SECONDS); 0 when it accepts at the end of the handshake."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+
+
+def set_defer_accept(sock: socket.socket, on: bool) -> None:
+    """Turn TCP_DEFER_ACCEPT on TCP listener `sock` on or off (0 is off).
+
+    Why always set, off too: a kept listener may have had it on under the config before
+    a reload. The kernel reads the option whenever a handshake's ACK or timer comes, so
+    connections already waiting in SYN-RECV follow the new value."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS if on else 0)
 
 
 def refuse_if_listened_on(address: TcpAddress) -> None:
@@ -198,6 +239,32 @@ class ListenerSet:
 
     def is_passed(self, sock: socket.socket) -> bool:
         return sock.fileno() in self._passed
+
+    def is_from_service_manager(self, sock: socket.socket) -> bool:
+        """Whether systemd passed `sock` (to this process or to its supervisor), as
+        opposed to a listener the relay bound: in a worker, its supervisor's."""
+        passed = self._passed.get(sock.fileno())
+        return passed is not None and passed.kept
+
+    def check_defer_accept(self, address: ListenAddress, on: bool) -> None:
+        """Raise ListenError when the listener of `address` cannot defer accept as `on`
+        says: a socket the service manager passed keeps the unit's DeferAcceptSec=,
+        so a route that wants it on needs the unit to say so. Changes nothing."""
+        sock = self._by_address[address]
+        if on and self.is_from_service_manager(sock) and defer_accept_of(sock) == 0:
+            raise ListenError(
+                f"defer_accept is true, but the socket systemd passed for"
+                f" {listening_on(address, sock)} does not defer accept: set"
+                " DeferAcceptSec= in its socket unit (the relay leaves a passed socket's"
+                " options as the unit set them), or defer_accept: false"
+            )
+
+    def apply_defer_accept(self, address: ListenAddress, on: bool) -> None:
+        """Set TCP_DEFER_ACCEPT on the listener of `address` as `on` says, unless the
+        service manager passed it (see check_defer_accept) or it is not TCP."""
+        sock = self._by_address[address]
+        if is_tcp(sock) and not self.is_from_service_manager(sock):
+            set_defer_accept(sock, on)
 
     def close_except(
         self, keep: Collection[ListenAddress], close: Callable[[socket.socket], None]

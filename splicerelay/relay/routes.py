@@ -156,6 +156,7 @@ def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) ->
                     route.upstreams, route.health_check, route_stats.upstream, route=route.name
                 )
                 listener = listeners.take(route.name, route.listen)
+                listeners.check_defer_accept(route.listen, route.defer_accept)
             except (ListenError, ResolveError) as error:
                 raise StartupError(f"route {route.name}: {error}") from None
             if listener.family in (socket.AF_INET, socket.AF_INET6):
@@ -172,6 +173,10 @@ def prepare_routes(config: Config, stats: RelayStats, listeners: ListenerSet) ->
                     slots=trio.Semaphore(route.max_connections),
                 )
             )
+        # Why only once every route has its listener: a reload refused on a later route
+        # leaves the kept listeners as the running config set them.
+        for runtime in runtimes:
+            listeners.apply_defer_accept(runtime.route.listen, runtime.route.defer_accept)
     except BaseException:
         listeners.close_except(before, lambda sock: sock.close())
         raise
