@@ -4,7 +4,9 @@ The machines this runs on are small and shared, so absolute numbers drift from o
 to the next. The bench therefore measures ratios within one run: every target gets its own
 fresh load-generator server, rounds are interleaved (direct, relay, haproxy, direct, ...)
 so that drift hits every target alike, and the report gives medians over the rounds and
-each target's ratio to HAProxy, the splice baseline.
+each target's ratio to HAProxy, the splice baseline. The relay runs with its defaults,
+access log on, because that is what users run; ``relay-nolog`` beside it is the same
+relay without its access log, and the report sets the two side by side.
 
 The options are defined in `options`, the targets in `targets`, the workloads here:
 
@@ -18,7 +20,9 @@ The options are defined in `options`, the targets in `targets`, the workloads he
 The proxy's CPU time is utime + stime (plus that of reaped children) of the proxy process
 and its descendants, read from /proc just before and just after each load-generator run.
 With --pin, every proxy runs on one core and everything else the bench runs on the others
-(`procs.Pinning`). What was measured with all this, change by change, is in `journal`.
+(`procs.Pinning`); ``relay-auto`` and ``haproxy-auto`` then size themselves to the
+proxies' cores, and unpinned to every core the bench may use. What was measured with all
+this, change by change, is in `journal`.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from splicerelay.bench.procs import (
 from splicerelay.bench.progress import Progress, make_progress
 from splicerelay.bench.report import BenchReport, describe_sample, render_markdown, report_json
 from splicerelay.bench.targets import (
+    TARGET_PROGRAMS,
     Endpoint,
     StartOptions,
     Tools,
@@ -284,7 +289,7 @@ def measure_workloads(
 def programs_in_use(workloads: Sequence[str], targets: Sequence[str]) -> list[str]:
     """The peer programs this run starts, each once."""
     programs = [program for workload in workloads for program in WORKLOAD_PROGRAMS[workload]]
-    programs += [target for target in targets if target in ("haproxy", "socat", "pproxy")]
+    programs += [TARGET_PROGRAMS[target] for target in targets if target in TARGET_PROGRAMS]
     return list(dict.fromkeys(programs))
 
 

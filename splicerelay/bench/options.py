@@ -71,9 +71,10 @@ def workload_name(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `splicerelay bench`."""
     parser.description = (
-        "Measure the relay, HAProxy (the splice baseline), socat, pproxy and a direct "
-        "connection side by side with real load generators, rounds interleaved, and report "
-        "medians and ratios to HAProxy."
+        "Measure the relay (with its defaults, access log on, and without the access "
+        "log), HAProxy (the splice baseline), socat, pproxy and a direct connection side by "
+        "side with real load generators, rounds interleaved, and report medians and ratios "
+        "to HAProxy."
     )
     parser.add_argument(
         "--workload",

@@ -14,6 +14,7 @@ from splicerelay.bench.model import (
     ratios_to_baseline,
     summarize,
 )
+from splicerelay.bench.pairs import pair_ratios, pairs_in
 
 
 @dataclass
@@ -184,6 +185,40 @@ def render_summary(results: Sequence[ScenarioResult], targets: Sequence[str]) ->
     ]
 
 
+def render_pairs(results: Sequence[ScenarioResult], targets: Sequence[str]) -> list[str]:
+    """Targets side by side (`pairs`): one's medians over the other's, on each workload's
+    headline number and, where there is one, its CPU per unit."""
+    pairs = pairs_in(targets)
+    header = ["pair", "shows"]
+    columns: list[tuple[ScenarioResult, str]] = []
+    for result in results:
+        if any(pair_ratios(pair, result) is not None for pair in pairs):
+            scenario = result.scenario
+            columns.append((result, scenario.primary.key))
+            header.append(f"{scenario.name} {scenario.primary.label}")
+            if scenario.cpu is not None:
+                columns.append((result, scenario.cpu.key))
+                header.append(f"{scenario.name} {scenario.cpu.label}")
+    rows: list[list[str]] = []
+    for pair in pairs:
+        row = [pair.name, pair.meaning]
+        for result, key in columns:
+            ratios = pair_ratios(pair, result)
+            row.append(format_ratio(None if ratios is None else ratios[key]))
+        if any(text != "-" for text in row[2:]):
+            rows.append(row)
+    if not rows:
+        return []
+    return [
+        "## Side by side",
+        "",
+        "The first target's median over the second's, in the same run.",
+        "",
+        *table(header, ["l", "l"] + ["r"] * (len(header) - 2), rows),
+        "",
+    ]
+
+
 def render_markdown(report: BenchReport) -> str:
     """The whole human-readable report, as markdown."""
     environment = report.environment
@@ -211,6 +246,7 @@ def render_markdown(report: BenchReport) -> str:
         lines += ["", "Skipped:", "", *skips]
     lines.append("")
     lines += render_summary(report.results, report.targets)
+    lines += render_pairs(report.results, report.targets)
     for result in report.results:
         lines += render_scenario(result, report.targets)
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -238,6 +274,11 @@ def report_json(report: BenchReport) -> dict[str, Any]:
             "samples": [sample.to_json(scenario) for sample in result.samples],
             "medians": medians,
             "ratios_to_haproxy": ratios_to_baseline(scenario, medians),
+            "pairs": {
+                pair.name: ratios
+                for pair in pairs_in(report.targets)
+                if (ratios := pair_ratios(pair, result)) is not None
+            },
             "skipped": dict(result.skipped),
         }
     return {

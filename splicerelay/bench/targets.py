@@ -1,12 +1,21 @@
 """The bench's targets: what each one is, how it starts, and why one may be skipped.
 
 - ``direct``: the load generator talks to its server with nothing in between;
-- ``relay``: splicerelay with ``workers: 1``;
-- ``relay-auto``: splicerelay with ``workers: auto`` (one process per core);
-- ``relay-copy``: splicerelay with splice(2) turned off, every byte through user space;
+- ``relay``: splicerelay as users run it: its defaults (access log on, logs at info),
+  ``workers: 1``;
+- ``relay-nolog``: the same relay with ``log: {access_log: false}``, so that the access
+  log's cost reads off the two side by side;
+- ``relay-auto``: the defaults with ``workers: auto``: one process per core the relay may
+  use (with --pin, the proxies' cores: it counts its affinity mask, set before exec);
+- ``relay-copy``: the defaults with splice(2) turned off, every byte through user space;
 - ``haproxy``: the splice baseline (tcp mode, splice both ways, 1 MiB pipes, one thread);
+- ``haproxy-auto``: the same with ``nbthread`` one per core the proxies may use, the
+  counterpart of ``relay-auto``;
 - ``socat``: one forked process per connection;
 - ``pproxy``: an asyncio proxy in Python, in tunnel mode.
+
+The relay runs with its access log on because that is what users run; its lines go to
+the relay's log file in the bench's working directory, as they would go to a journal.
 """
 
 from __future__ import annotations
@@ -17,16 +26,27 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splicerelay.bench.parse import BenchError, short_version, version_line
 from splicerelay.bench.procs import LOOPBACK, ProcessGroup, free_port, run_tool
 
-TARGETS = ("direct", "relay", "relay-auto", "relay-copy", "haproxy", "socat", "pproxy")
+TARGETS = (
+    "direct",
+    "relay",
+    "relay-nolog",
+    "relay-auto",
+    "relay-copy",
+    "haproxy",
+    "haproxy-auto",
+    "socat",
+    "pproxy",
+)
 PROXIES = TARGETS[1:]
-RELAYS = ("relay", "relay-auto", "relay-copy")
+RELAYS = ("relay", "relay-nolog", "relay-auto", "relay-copy")
+HAPROXIES = ("haproxy", "haproxy-auto")
 # Targets that fork one process per connection: their idle connections are capped (see
 # bench_idle), since each costs a whole process on a small shared machine.
 FORKING = ("socat",)
@@ -48,7 +68,12 @@ DEBIAN_PACKAGES = {
     "redis-server": "redis-server",
     "redis-benchmark": "redis-tools",
 }
-TARGET_PROGRAMS = {"haproxy": "haproxy", "socat": "socat", "pproxy": "pproxy"}
+TARGET_PROGRAMS = {
+    "haproxy": "haproxy",
+    "haproxy-auto": "haproxy",
+    "socat": "socat",
+    "pproxy": "pproxy",
+}
 
 Tools = dict[str, list[str] | None]
 
@@ -111,11 +136,15 @@ def tool_version(name: str, prefix: list[str]) -> str:
 # --- configs and commands -------------------------------------------------------------------
 
 
-def relay_config(listen_port: int, upstream_port: int, workers: int | str) -> str:
-    """The YAML config of a relay target: one route, quiet logs, no access log."""
+def relay_config(
+    listen_port: int, upstream_port: int, workers: int | str, access_log: bool = True
+) -> str:
+    """The YAML config of a relay target: one route, and the relay's own log defaults
+    (access log on), or those with only the access log turned off."""
+    log = "" if access_log else "log: {access_log: false}\n"
     return (
         f"workers: {workers}\n"
-        "log: {level: warning, access_log: false}\n"
+        f"{log}"
         "defaults:\n"
         f"  max_connections: {RELAY_MAX_CONNECTIONS}\n"
         "routes:\n"
@@ -128,6 +157,26 @@ def relay_config(listen_port: int, upstream_port: int, workers: int | str) -> st
 
 def relay_workers(target: str) -> int | str:
     return "auto" if target == "relay-auto" else 1
+
+
+def relay_access_log(target: str) -> bool:
+    """Whether a relay target keeps its access log on: all but relay-nolog do."""
+    return target != "relay-nolog"
+
+
+def usable_cores(cpus: Collection[int] | None) -> int:
+    """How many cores a proxy may run on: the --pin set, or else all this process may use.
+
+    Counted as the relay counts them for `workers: auto` (the affinity mask, not
+    os.cpu_count(): a container or taskset may allow fewer), so that haproxy-auto gets as
+    many threads as relay-auto gets processes.
+    """
+    return len(cpus) if cpus is not None else max(1, len(os.sched_getaffinity(0)))
+
+
+def haproxy_threads(target: str, cpus: Collection[int] | None) -> int:
+    """nbthread: 1 for the baseline, one per usable core for haproxy-auto."""
+    return usable_cores(cpus) if target == "haproxy-auto" else 1
 
 
 def relay_command(config_path: Path) -> list[str]:
@@ -160,8 +209,11 @@ def relay_environment(force_copy: bool = False) -> dict[str, str]:
     return env
 
 
-def haproxy_config(listen_port: int, upstream_port: int, maxconn: int = HAPROXY_MAXCONN) -> str:
-    """The HAProxy splice baseline: tcp mode, splice both ways, 1 MiB pipes, one thread.
+def haproxy_config(
+    listen_port: int, upstream_port: int, maxconn: int = HAPROXY_MAXCONN, threads: int = 1
+) -> str:
+    """The HAProxy splice baseline: tcp mode, splice both ways, 1 MiB pipes, one thread
+    (or `threads`, for haproxy-auto).
 
     maxconn stays at 2000 unless the idle workload needs more: HAProxy refuses to start
     when maxconn implies more fds than the limit allows.
@@ -169,7 +221,7 @@ def haproxy_config(listen_port: int, upstream_port: int, maxconn: int = HAPROXY_
     return (
         "global\n"
         f"    maxconn {maxconn}\n"
-        "    nbthread 1\n"
+        f"    nbthread {threads}\n"
         "    tune.pipesize 1048576\n"
         "\n"
         "defaults\n"
@@ -228,6 +280,17 @@ class StartOptions:
     cpus: frozenset[int] | None = None
 
 
+def config_text(target: str, listen_port: int, upstream_port: int, options: StartOptions) -> str:
+    """The config file a relay or HAProxy target starts with."""
+    if target in RELAYS:
+        workers, access_log = relay_workers(target), relay_access_log(target)
+        return relay_config(listen_port, upstream_port, workers, access_log)
+    if target in HAPROXIES:
+        threads = haproxy_threads(target, options.cpus)
+        return haproxy_config(listen_port, upstream_port, options.haproxy_maxconn, threads)
+    raise BenchError(f"{target} has no config file")
+
+
 def start_proxy(
     group: ProcessGroup,
     target: str,
@@ -243,12 +306,12 @@ def start_proxy(
     env: dict[str, str] | None = None
     if target in RELAYS:
         config_path = group.workdir / f"{name}.yaml"
-        config_path.write_text(relay_config(port, upstream_port, relay_workers(target)))
+        config_path.write_text(config_text(target, port, upstream_port, options))
         env = relay_environment(force_copy=target == "relay-copy")
         argv = relay_command(config_path)
-    elif target == "haproxy":
+    elif target in HAPROXIES:
         config_path = group.workdir / f"{name}.cfg"
-        config_path.write_text(haproxy_config(port, upstream_port, options.haproxy_maxconn))
+        config_path.write_text(config_text(target, port, upstream_port, options))
         argv = [*require(tools, "haproxy"), "-db", "-f", str(config_path)]
     elif target == "socat":
         argv = socat_command(require(tools, "socat"), port, upstream_port)

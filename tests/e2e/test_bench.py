@@ -58,9 +58,11 @@ def test_defaults_run_every_workload_on_every_target() -> None:
     assert args.targets == [
         "direct",
         "relay",
+        "relay-nolog",
         "relay-auto",
         "relay-copy",
         "haproxy",
+        "haproxy-auto",
         "socat",
         "pproxy",
     ]
@@ -140,7 +142,7 @@ def test_workloads_without_their_load_generator_are_skipped() -> None:
 
 def test_targets_without_their_program_are_skipped() -> None:
     skipped = bench.skipped_targets(list(bench_targets.TARGETS), NO_TOOLS)
-    assert list(skipped) == ["haproxy", "socat", "pproxy"]
+    assert list(skipped) == ["haproxy", "haproxy-auto", "socat", "pproxy"]
 
 
 def test_total_steps_counts_every_measurement() -> None:

@@ -16,6 +16,7 @@ from splicerelay.bench.options import add_arguments, resolve_defaults, settings
 from splicerelay.bench.parse import BenchError
 from splicerelay.bench.procs import Pinning, ProcessGroup, free_port, on_cpus, plan_pinning
 from splicerelay.bench.report import BenchReport, render_markdown
+from splicerelay.bench.targets import usable_cores
 
 AFFINITY = "import os; print(','.join(map(str, sorted(os.sched_getaffinity(0)))))"
 # Listens on the port it is given, then waits to be stopped.
@@ -83,6 +84,29 @@ def test_a_proxy_started_by_the_process_group_is_pinned(tmp_path: Path) -> None:
             "proxy", [sys.executable, "-c", LISTENER, str(port)], port, cpus={cores[-1]}
         )
         assert allowed_cpus(process.pid) == str(cores[-1])
+
+
+# What the relay makes of `workers: auto`, in the process it is run as.
+WORKER_COUNT = "from splicerelay.config import worker_count; print(worker_count('auto'))"
+
+
+def test_workers_auto_and_haproxy_auto_count_the_proxies_cores() -> None:
+    """A relay started on the proxies' cores resolves `workers: auto` to their number,
+    which is the nbthread haproxy-auto is given: pinning before exec is all it takes."""
+    cores = two_cores()
+    for cpus in ({cores[-1]}, set(cores[:2])):
+        with on_cpus(cpus):
+            result = subprocess.run(
+                [sys.executable, "-c", WORKER_COUNT],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            )
+        assert int(result.stdout) == len(cpus) == usable_cores(frozenset(cpus))
+    # Under --pin, the proxies' core set is the one the bench passes on.
+    pinning = plan_pinning(cores)
+    assert usable_cores(pinning.proxies) == len(pinning.proxies)
 
 
 def parse(*argv: str) -> argparse.Namespace:

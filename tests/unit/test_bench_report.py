@@ -11,7 +11,7 @@ import pytest
 from splicerelay.bench import chart as bench_chart
 from splicerelay.bench import progress as bench_progress
 from splicerelay.bench.idle import idle_scenario
-from splicerelay.bench.load import bulk_scenario, latency_scenario, rr_scenario
+from splicerelay.bench.load import bulk_scenario, conn_scenario, latency_scenario, rr_scenario
 from splicerelay.bench.model import (
     Sample,
     ScenarioResult,
@@ -282,6 +282,72 @@ def test_json_report_holds_samples_medians_ratios_and_skips() -> None:
     assert bulk["skipped"] == {"relay-auto": "did not start: workers: 'auto': not supported"}
     assert document["skipped_workloads"] == {"rr": "redis-server is not installed"}
     assert json.loads(json.dumps(document)) == document
+
+
+# --- targets side by side -----------------------------------------------------------------
+
+PAIRED_TARGETS = ["direct", "relay", "relay-nolog", "relay-auto", "haproxy", "haproxy-auto"]
+
+
+def conn_sample(target: str, rate: float, cpu: float) -> Sample:
+    """10,000 new connections at `rate` per second, with `cpu` proxy CPU seconds."""
+    return Sample(
+        target,
+        0,
+        values={"requests_per_second": rate},
+        amount=10_000,
+        wall_seconds=10_000 / rate,
+        proxy_cpu_seconds=cpu,
+    )
+
+
+def conn_result(*targets: str) -> ScenarioResult:
+    rates = {
+        "relay": (8_000.0, 0.75),
+        "relay-nolog": (10_000.0, 0.6),
+        "relay-auto": (9_000.0, 0.9),
+        "haproxy": (12_000.0, 0.5),
+        "haproxy-auto": (15_000.0, 0.6),
+    }
+    return ScenarioResult(
+        conn_scenario(10_000, 50), [conn_sample(target, *rates[target]) for target in targets]
+    )
+
+
+def paired_report(result: ScenarioResult) -> BenchReport:
+    environment = {"cpus": 2, "kernel": "6.1", "python": "3.11.7", "tools": {}}
+    return BenchReport([result], PAIRED_TARGETS, environment, {"rounds": 1})
+
+
+def test_the_access_logs_cost_and_the_scaling_pair_are_side_by_side() -> None:
+    result = conn_result("relay", "relay-nolog", "relay-auto", "haproxy", "haproxy-auto")
+    markdown = render_markdown(paired_report(result))
+    # Both relays are in the ratio table against HAProxy...
+    summary = rows_of(markdown, "Ratio to haproxy")
+    assert summary["relay"] == ["0.67x"]
+    assert summary["relay-nolog"] == ["0.83x"]
+    assert summary["haproxy-auto"] == ["1.25x"]
+    # ...and against each other, with CPU per connection.
+    assert "| pair | shows | conn req/s | conn CPU us/req |" in markdown
+    pairs = rows_of(markdown, "Side by side")
+    assert pairs["relay / relay-nolog"] == ["what the access log costs", "0.80x", "1.25x"]
+    assert pairs["relay-auto / haproxy-auto"] == ["both on every proxy core", "0.60x", "1.50x"]
+    document = report_json(paired_report(result))["workloads"]["conn"]["pairs"]
+    assert document["relay / relay-nolog"] == {
+        "requests_per_second": pytest.approx(0.8),
+        "cpu_seconds_per_million_requests": pytest.approx(1.25),
+    }
+
+
+def test_a_pair_is_left_out_unless_both_were_measured() -> None:
+    markdown = render_markdown(paired_report(conn_result("relay", "relay-auto", "haproxy")))
+    assert "## Side by side" not in markdown
+    markdown = render_markdown(paired_report(conn_result("relay", "relay-nolog", "relay-auto")))
+    assert list(rows_of(markdown, "Side by side")) == ["pair", "relay / relay-nolog"]
+    failed = conn_result("relay", "haproxy")
+    failed.samples.append(Sample("relay-nolog", 0, error="boom"))
+    assert "## Side by side" not in render_markdown(paired_report(failed))
+    assert report_json(paired_report(failed))["workloads"]["conn"]["pairs"] == {}
 
 
 # --- chart --------------------------------------------------------------------------------

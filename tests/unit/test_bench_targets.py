@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from splicerelay.bench import targets as bench_targets
+from splicerelay.bench.procs import ProcessGroup
 from splicerelay.bench.targets import (
+    StartOptions,
     Tools,
     haproxy_config,
     missing_reason,
@@ -19,9 +26,11 @@ from splicerelay.bench.targets import (
     relay_config,
     relay_environment,
     socat_command,
+    start_proxy,
     target_skip_reason,
+    usable_cores,
 )
-from splicerelay.config import load_config
+from splicerelay.config import Config, LogConfig, load_config
 from splicerelay.relay import service as relay_service
 
 ALL_TOOLS: Tools = {
@@ -53,16 +62,126 @@ def test_haproxy_maxconn_can_be_raised_for_idle_connections() -> None:
     assert "maxconn 10100" in lines and "maxconn 2000" not in lines
 
 
-def test_relay_config_is_accepted_by_the_relay(tmp_path: Path) -> None:
+def load(tmp_path: Path, text: str) -> Config:
+    """`text` read by the relay's own config loader."""
     path = tmp_path / "relay.yaml"
-    path.write_text(relay_config(8080, 9090, 1))
-    config = load_config(str(path))
+    path.write_text(text)
+    return load_config(str(path))
+
+
+def test_relay_config_is_accepted_by_the_relay(tmp_path: Path) -> None:
+    config = load(tmp_path, relay_config(8080, 9090, 1))
     assert config.workers == 1
-    assert config.log.access_log is False
     (route,) = config.routes
     assert str(route.listen) == "127.0.0.1:8080"
     assert [str(upstream.address) for upstream in route.upstreams] == ["127.0.0.1:9090"]
     assert route.max_connections == bench_targets.RELAY_MAX_CONNECTIONS
+
+
+def test_relay_runs_with_the_relays_own_log_defaults(tmp_path: Path) -> None:
+    text = relay_config(8080, 9090, 1)
+    assert "log" not in text.split("routes:")[0]
+    config = load(tmp_path, text)
+    assert config.log == LogConfig()
+    assert config.log.access_log is True
+
+
+def test_relay_without_access_log_changes_nothing_else(tmp_path: Path) -> None:
+    on = load(tmp_path, relay_config(8080, 9090, 1))
+    off = load(tmp_path, relay_config(8080, 9090, 1, access_log=False))
+    assert off.log == LogConfig(access_log=False)
+    assert dataclasses.replace(off, log=on.log) == on
+
+
+class RecordingGroup(ProcessGroup):
+    """Records what start_proxy would start, and starts nothing."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.started: list[tuple[list[str], dict[str, str] | None, object]] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cpus: Collection[int] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        self.started.append((argv, env, cpus))
+        return cast("subprocess.Popen[bytes]", None)
+
+
+def started_config(
+    tmp_path: Path, target: str, options: StartOptions | None = None
+) -> tuple[list[str], dict[str, str] | None, str]:
+    """argv, environment and config file text of `target` as start_proxy starts it."""
+    group = RecordingGroup(tmp_path)
+    start_proxy(group, target, 9090, "label", ALL_TOOLS, options)
+    ((argv, env, _),) = group.started
+    return argv, env, Path(argv[argv.index("-f" if "-f" in argv else "-c") + 1]).read_text()
+
+
+@pytest.mark.parametrize(
+    ("target", "workers", "access_log", "force_copy"),
+    [
+        ("relay", 1, True, False),
+        ("relay-nolog", 1, False, False),
+        ("relay-auto", "auto", True, False),
+        ("relay-copy", 1, True, True),
+    ],
+)
+def test_each_relay_target_starts_with_its_config(
+    tmp_path: Path, target: str, workers: int | str, access_log: bool, force_copy: bool
+) -> None:
+    argv, env, text = started_config(tmp_path, target)
+    assert argv[1:5] == ["-m", "splicerelay", "run", "-c"]
+    config = load(tmp_path, text)
+    assert (config.workers, config.log.access_log) == (workers, access_log)
+    assert config.log == LogConfig(access_log=access_log)
+    assert env is not None and (relay_service.FORCE_COPY_ENV in env) is force_copy
+
+
+def nbthread(text: str) -> int:
+    (line,) = [line.split() for line in text.splitlines() if "nbthread" in line]
+    return int(line[1])
+
+
+@pytest.mark.parametrize(
+    ("cpus", "threads"),
+    [(frozenset({1}), 1), (frozenset({0, 1, 2}), 3), (frozenset(range(16)), 16)],
+)
+def test_haproxy_auto_runs_a_thread_per_proxy_core_when_pinned(
+    tmp_path: Path, cpus: frozenset[int], threads: int
+) -> None:
+    argv, _, text = started_config(tmp_path, "haproxy-auto", StartOptions(cpus=cpus))
+    assert argv[:3] == ["/usr/bin/haproxy", "-db", "-f"]
+    assert nbthread(text) == threads
+    _, _, baseline = started_config(tmp_path, "haproxy", StartOptions(cpus=cpus))
+    assert nbthread(baseline) == 1
+    # Apart from its threads (and its free port), haproxy-auto is the baseline.
+    assert settings_of(text) == settings_of(baseline)
+
+
+def settings_of(haproxy_text: str) -> list[str]:
+    """The config's lines but its threads and its listening port."""
+    skip = ("nbthread", "bind")
+    return [line for line in haproxy_text.splitlines() if not line.strip().startswith(skip)]
+
+
+def test_haproxy_auto_unpinned_counts_the_cores_this_process_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7, 9})
+    assert usable_cores(None) == 5
+    _, _, text = started_config(tmp_path, "haproxy-auto")
+    assert nbthread(text) == 5
+
+
+def test_haproxy_auto_keeps_a_raised_maxconn(tmp_path: Path) -> None:
+    options = StartOptions(haproxy_maxconn=10_100, cpus=frozenset({0, 1}))
+    _, _, text = started_config(tmp_path, "haproxy-auto", options)
+    assert "    maxconn 10100" in text.splitlines()
 
 
 def test_relay_auto_asks_for_one_worker_per_core() -> None:
@@ -104,7 +223,7 @@ def test_pproxy_tunnel_mode() -> None:
     ]
 
 
-@pytest.mark.parametrize("target", ["direct", "relay", "relay-auto", "relay-copy"])
+@pytest.mark.parametrize("target", ["direct", "relay", "relay-nolog", "relay-auto", "relay-copy"])
 def test_direct_and_relays_need_no_other_program(target: str) -> None:
     assert target_skip_reason(target, {name: None for name in ALL_TOOLS}) is None
 
@@ -113,13 +232,15 @@ def test_direct_and_relays_need_no_other_program(target: str) -> None:
     ("target", "hint"),
     [
         ("haproxy", "haproxy is not installed (Debian: apt-get install haproxy)"),
+        ("haproxy-auto", "haproxy is not installed (Debian: apt-get install haproxy)"),
         ("socat", "socat is not installed (Debian: apt-get install socat)"),
         ("pproxy", "pproxy is not installed (pip install pproxy, or pip install 'splicerelay"),
     ],
 )
 def test_a_target_whose_program_is_missing_is_skipped(target: str, hint: str) -> None:
     assert target_skip_reason(target, ALL_TOOLS) is None
-    reason = target_skip_reason(target, {**ALL_TOOLS, target: None})
+    program = bench_targets.TARGET_PROGRAMS[target]
+    reason = target_skip_reason(target, {**ALL_TOOLS, program: None})
     assert reason is not None and reason.startswith(hint)
 
 
