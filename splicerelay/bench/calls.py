@@ -92,8 +92,16 @@ def drive(port: int, connections: int) -> None:
         connect_once(port)
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def socket_count(pid: int) -> int:
+    """The sockets `pid` holds open. Pipes are left out: the relay keeps emptied pipes in a
+    pool, which may hold a few more after a run than before it."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue  # closed since the listing
+    return count
 
 
 def process_state(pid: int) -> str:
@@ -102,11 +110,11 @@ def process_state(pid: int) -> str:
     return text.rpartition(")")[2].split()[0]
 
 
-def wait_idle(pid: int, fds_at_most: int | None) -> int:
-    """Wait, with a bound, until the relay has ended its connections and sleeps; its fds.
+def wait_idle(pid: int, sockets_at_most: int | None) -> int:
+    """Wait, with a bound, until the relay has ended its connections and sleeps; its sockets.
 
-    Idle means: asleep, with no more fds than `fds_at_most` (its count when it was idle
-    before; None to take whatever it settles on), and the same fd count, for IDLE_POLLS
+    Idle means: asleep, with no more sockets than `sockets_at_most` (its count when it was
+    idle before; None to take whatever it settles on), and the same count, for IDLE_POLLS
     polls in a row. The client has closed every connection by now, but the relay ends
     each one a little later: after the upstream's answer to its own FIN.
     """
@@ -114,14 +122,17 @@ def wait_idle(pid: int, fds_at_most: int | None) -> int:
     last = -1
     agreeing = 0
     while True:
-        fds = fd_count(pid)
-        quiet = process_state(pid) == "S" and (fds_at_most is None or fds <= fds_at_most)
-        agreeing = agreeing + 1 if quiet and fds == last else 0
+        sockets = socket_count(pid)
+        state = process_state(pid)
+        if state in ("Z", "X"):
+            raise BenchError(f"the relay (pid {pid}) exited")
+        quiet = state == "S" and (sockets_at_most is None or sockets <= sockets_at_most)
+        agreeing = agreeing + 1 if quiet and sockets == last else 0
         if agreeing >= IDLE_POLLS:
-            return fds
+            return sockets
         if time.monotonic() > deadline:
             raise BenchError(f"the relay (pid {pid}) was not idle within {IDLE_TIMEOUT}s")
-        last = fds
+        last = sockets
         time.sleep(POLL_INTERVAL)
 
 
@@ -131,6 +142,8 @@ def take_snapshot(pid: int, prefix: Path, index: int) -> list[dict[str, object]]
     os.kill(pid, SNAPSHOT_SIGNAL)
     deadline = time.monotonic() + SNAPSHOT_TIMEOUT
     while not path.exists():
+        if process_state(pid) in ("Z", "X"):
+            raise BenchError(f"the relay (pid {pid}) exited before its snapshot {path.name}")
         if time.monotonic() > deadline:
             raise BenchError(f"the relay wrote no snapshot {path.name} in {SNAPSHOT_TIMEOUT}s")
         time.sleep(POLL_INTERVAL)

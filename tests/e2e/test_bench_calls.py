@@ -70,9 +70,11 @@ def test_only_the_measured_window_is_counted(
     report_50: dict[str, Any], report_100: calls.CallReport
 ) -> None:
     # Start-up, imports and warm-up are thousands of calls: were they counted, 50
-    # connections would show about twice as many calls each as 100 do.
-    ratio = report_50["total_per_connection"] / report_100.total_per_connection
-    assert 0.8 < ratio < 1.25, (report_50["total_per_connection"], report_100.total_per_connection)
+    # connections would show nearly twice as many calls each as 100 do. (The count per
+    # connection varies by some 10% from run to run: how many connections' events a
+    # round of the event loop takes together depends on timing.)
+    totals = (report_50["total_per_connection"], report_100.total_per_connection)
+    assert 2 / 3 < totals[0] / totals[1] < 3 / 2, totals
 
 
 def test_format_report_lists_the_rows_most_first() -> None:
