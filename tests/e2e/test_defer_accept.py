@@ -1,7 +1,8 @@
 """`defer_accept` seen from outside a real relay process: with it on, a client that
 connects and stays silent does not make the relay connect upstream, and one that sends
 bytes gets through at once; with it off, even a silent client's upstream connection is
-made at once. Also across SIGHUP reloads that keep the listener, and with workers.
+made at once. Also across SIGHUP reloads that keep the listener, and with workers; and
+a socket passed by socket activation keeps what its unit set (DeferAcceptSec=).
 
 How the looks are bounded: the relay sets TCP_DEFER_ACCEPT to 1 s, which the kernel
 holds a silent connection for before it hands it over all the same (see
@@ -12,12 +13,16 @@ a silent client through anyway: a relay that deferred where it should not fails 
 
 from __future__ import annotations
 
+import json
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +185,90 @@ def test_every_worker_defers_on_shared_listeners_and_on_ones_a_reload_adds(
     silent_clients_are_held_back(held, added, added_up, count=6)
     speaking_client_gets_through_at_once(held, added, added_up)
     held.close()
+
+
+# ----- a socket passed by socket activation ----------------------------------------------
+
+# Puts the socket at fd 3, names itself in LISTEN_PID and becomes the relay, as systemd
+# does; systemd-socket-activate cannot set DeferAcceptSec=, so the test sets it itself.
+LAUNCHER = (
+    "import os, sys;"
+    "os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1]));"
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web');"
+    "os.execv(sys.executable, [sys.executable, '-m', 'splicerelay', 'run', '-c', sys.argv[2]])"
+)
+
+
+def activated(
+    held: ExitStack, tmp_path: Path, sock: socket.socket, text: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The relay started on `text` with `sock` passed to it, its config and its stderr."""
+    config, stderr_path = tmp_path / "relay.yaml", tmp_path / "relay.err"
+    config.write_text(text.replace("{metrics_port}", str(free_port())))
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(sock.fileno()), str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=(sock.fileno(),),
+        )
+    held.callback(stop, process)
+    return process, config, stderr_path
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=BOUND)
+
+
+def log_lines(stderr_path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr_path.read_text().splitlines() if line[:1] == "{"]
+
+
+def logged(stderr_path: Path, message: str) -> list[dict[str, object]]:
+    return [line for line in log_lines(stderr_path) if line["message"] == message]
+
+
+def logged_errors(stderr_path: Path) -> list[dict[str, object]]:
+    return [line for line in log_lines(stderr_path) if line["level"] == "error"]
+
+
+def passed_listener(held: ExitStack, defer_accept_seconds: int) -> socket.socket:
+    sock = upstream(held)  # a listening socket on loopback, as a socket unit makes one
+    if defer_accept_seconds:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept_seconds)
+    return sock
+
+
+def test_a_passed_socket_keeps_the_deferral_its_unit_set(held: ExitStack, tmp_path: Path) -> None:
+    """DeferAcceptSec=5 in the unit (the kernel reads back 7): a route that says off,
+    and a reload to on, leave it so."""
+    sock, up = passed_listener(held, 5), upstream(held)
+    text = relay_config(route("web", port(sock), up, False))
+    process, config, stderr_path = activated(held, tmp_path, sock, text)
+    poll_until(lambda: bool(logged(stderr_path, "ready")), BOUND, "the relay to be ready")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 7
+    config.write_text(config.read_text().replace("defer_accept: false", "defer_accept: true"))
+    process.send_signal(signal.SIGHUP)
+    poll_until(lambda: bool(logged(stderr_path, "config reloaded")), BOUND, "the reload")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 7
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=BOUND) == 0
+
+
+def test_on_for_a_passed_socket_its_unit_did_not_defer_is_refused(
+    held: ExitStack, tmp_path: Path
+) -> None:
+    sock, up = passed_listener(held, 0), upstream(held)
+    text = relay_config(route("web", port(sock), up, True))
+    process, _, stderr_path = activated(held, tmp_path, sock, text)
+    assert process.wait(timeout=BOUND) == 1
+    errors = [line["message"] for line in logged_errors(stderr_path)]
+    assert errors == [
+        f"route web: defer_accept is true, but the socket systemd passed for"
+        f" 127.0.0.1:{port(sock)} does not defer accept: set DeferAcceptSec= in its socket"
+        " unit (the relay leaves a passed socket's options as the unit set them), or"
+        " defer_accept: false"
+    ]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
