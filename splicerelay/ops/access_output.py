@@ -9,11 +9,13 @@ the data path never waits on the log. At exit the rest is written with a bounded
 How a write is made non-blocking without touching anyone else's stdout: O_NONBLOCK is a
 flag of the open file description, which stdout shares with the shell, the terminal or
 the other workers, and setting it there would make *their* writes fail with EAGAIN.
-- a socket (journald's stream): send() with MSG_DONTWAIT, a per-call flag;
+- a socket (journald's stream): send() with MSG_DONTWAIT, a per-call flag, of whole
+  lines in sends that the kernel takes whole (see atomic_send_size);
 - a pipe, FIFO or terminal: a description of our own, opened through /proc/self/fd/N
   with O_NONBLOCK (for a pipe this opens the same pipe, like a FIFO's path would);
 - a regular file: plain write(), which does not wait for readers.
-If /proc cannot be had, the write blocks like print() would, and the log says so once.
+If /proc cannot be had, the write blocks like print() would, and the log says so at
+start.
 
 Why whole lines in writes of at most PIPE_BUF bytes to a pipe: workers share stdout,
 and the kernel keeps a pipe write of up to PIPE_BUF bytes in one piece, so lines of two
@@ -40,6 +42,21 @@ PIPE_BUF = select.PIPE_BUF
 SOCKET_CHUNK = 1 << 16
 
 
+def atomic_send_size(sock: socket.socket) -> int:
+    """The most a non-blocking send() on `sock` takes whole or not at all.
+
+    Why: a stream socket's send may take part of what it is given when its buffer is
+    nearly full, cutting a line; workers sharing journald's socket would then interleave
+    their halves. A unix stream socket queues a send of up to SO_SNDBUF/2 - 64 bytes as
+    one buffer, allocated whole or not at all (net/unix/af_unix.c).
+    """
+    try:
+        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return PIPE_BUF
+    return max(1, min(SOCKET_CHUNK, sndbuf // 2 - 64))
+
+
 class Output:
     """One fd written without blocking; `write` returns how much was taken (0: full)."""
 
@@ -52,6 +69,7 @@ class Output:
         mode = os.fstat(fd).st_mode
         if stat.S_ISSOCK(mode):
             self._socket = socket.socket(fileno=os.dup(fd))
+            self.chunk = atomic_send_size(self._socket)
         elif stat.S_ISREG(mode):
             pass
         else:
@@ -61,8 +79,12 @@ class Output:
                 own = os.open(
                     f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND
                 )
-            except OSError:
+            except OSError as error:
                 self.blocking = True
+                log.warning(
+                    "access log: stdout cannot be written without blocking"
+                    f" ({error.strerror or error}); if it stalls, relaying stalls with it"
+                )
             else:
                 self._own_fd = self.fd = own
 
