@@ -98,6 +98,11 @@ class Reactor:
         else:
             self._epoll.modify(fd, wanted)
 
+    @property
+    def closed(self) -> bool:
+        """Its task has ended: nothing is dispatched or registered any more."""
+        return self._epoll.closed
+
     def hand_over(self, fd: int, handler: Handler) -> None:
         """A registered fd changes hands (connector -> session), interest unchanged."""
         self._handlers[fd] = handler

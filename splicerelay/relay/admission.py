@@ -24,8 +24,10 @@ from typing import Protocol
 import trio
 
 from splicerelay.datapath.flow import PipePool
+from splicerelay.datapath.reactor import Reactor
 from splicerelay.datapath.session import accept_client
 from splicerelay.datapath.stats import RelayStats, RouteStats
+from splicerelay.relay.reactor_accept import ACCEPT_BATCH, ReactorAccept
 from splicerelay.relay.routes import RouteRuntime
 
 log = logging.getLogger("splicerelay")
@@ -36,7 +38,6 @@ ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # accept() errors that concern only the one connection being accepted.
 ACCEPT_CONNECTION_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 ACCEPT_BACKOFF_SECONDS = 0.1
-ACCEPT_BATCH = 16  # accepts in a row before the accept loop lets other tasks run
 
 # fds kept free for pipes, health checks, scrapes and reloads when accepting.
 FD_RESERVE = 32
@@ -109,6 +110,7 @@ class Admission:
         *,
         fd_limit: int | None = None,
         count_fds: Callable[[], int] = count_open_fds,
+        reactor: Reactor | None = None,
     ) -> None:
         self.stats = stats
         self.pool = pool
@@ -122,6 +124,10 @@ class Admission:
         self.listener_for: Callable[[socket.socket], Listener] = SocketListener
         self._resource_warning_logged = False
         self._fd_warned_at = -FD_WARNING_INTERVAL
+        # With a reactor, a real listener is accepted from inside the reactor's round
+        # while no limit is in the way (reactor_accept.py); the task takes the rest.
+        self.reactor = reactor
+        self._in_reactor: dict[RouteRuntime, ReactorAccept] = {}
 
     @staticmethod
     def _semaphore(limit: int | None) -> trio.Semaphore | None:
@@ -134,8 +140,48 @@ class Admission:
         """
         self.global_slots = self._semaphore(limit)
 
+    def stop_accepting(self, runtime: RouteRuntime) -> None:
+        """Take `runtime`'s listener out of the reactor now (it is about to be closed;
+        its accept task, cancelled, ends at its next checkpoint)."""
+        fast = self._in_reactor.pop(runtime, None)
+        if fast is not None:
+            fast.detach()
+
+    def _fast_path(self, runtime: RouteRuntime, listener: Listener) -> ReactorAccept | None:
+        if self.reactor is None or type(listener) is not SocketListener:
+            return None  # a scripted listener (tests) has no fd: the task does it all
+        fast = ReactorAccept(
+            self, runtime, runtime.listener, listener.family, self.reactor, FD_RESERVE
+        )
+        self._in_reactor[runtime] = fast
+        return fast
+
     async def accept_loop(self, runtime: RouteRuntime) -> None:
         listener = self.listener_for(runtime.listener)
+        fast = self._fast_path(runtime, listener)
+        try:
+            await self._accept_in_task(runtime, listener, fast)
+        finally:
+            if fast is not None:
+                fast.detach()
+                if self._in_reactor.get(runtime) is fast:
+                    del self._in_reactor[runtime]
+
+    async def _wait_for_clients(
+        self, runtime: RouteRuntime, listener: Listener, fast: ReactorAccept | None
+    ) -> None:
+        """The backlog is empty: wait until it is not, or with `fast`, let the reactor
+        accept until a limit or an error needs this task again."""
+        if fast is None:
+            await listener.wait_readable()
+            return
+        error = await fast.serve_in_reactor()
+        if error is not None:
+            await self._accept_failed(error, runtime)
+
+    async def _accept_in_task(
+        self, runtime: RouteRuntime, listener: Listener, fast: ReactorAccept | None
+    ) -> None:
         accept = listener.accept
         family = listener.family
         slots = runtime.slots
@@ -171,7 +217,7 @@ class Admission:
                 slots.release()  # no client taken: give its slot back
                 if not isinstance(failure, BlockingIOError):
                     await self._accept_failed(failure, runtime)
-                await listener.wait_readable()
+                await self._wait_for_clients(runtime, listener, fast)
                 continue
             if self._resource_warning_logged:
                 self._resource_warning_logged = False

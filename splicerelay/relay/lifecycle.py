@@ -78,6 +78,7 @@ class Relay:
             config.max_connections,
             fd_limit=fd_limit,
             count_fds=count_fds,
+            reactor=self.reactor,
         )
         self._stop_requested = trio.Event()
         self._route_nursery: trio.Nursery | None = None
@@ -161,6 +162,7 @@ class Relay:
                 runtime.per_source = previous[runtime.route.name].per_source
         for runtime in old:
             runtime.scope.cancel()
+            self.admission.stop_accepting(runtime)  # before its listener may close
         self.listeners.close_except({runtime.route.listen for runtime in runtimes}, close_socket)
         if config.max_connections != self.config.max_connections:
             self.admission.set_global_limit(config.max_connections)
