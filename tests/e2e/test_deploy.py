@@ -59,6 +59,7 @@ EXPORTED_METRICS = frozenset(
         "splicerelay_upstream_weight",
         "splicerelay_pipes",
         "splicerelay_pipe_resize_failures_total",
+        "splicerelay_access_log_dropped_total",
         "splicerelay_limit_wait_seconds_total",
         "splicerelay_global_limit_wait_seconds_total",
         "splicerelay_config_reloads_total",

@@ -47,6 +47,7 @@ EXPECTED_FAMILIES = {
     "splicerelay_upstream_connect_errors_total": "counter",
     "splicerelay_pipes": "gauge",
     "splicerelay_pipe_resize_failures_total": "counter",
+    "splicerelay_access_log_dropped_total": "counter",
     "splicerelay_build_info": "gauge",
     "splicerelay_upstream_up": "gauge",
     "splicerelay_upstream_connections_active": "gauge",
