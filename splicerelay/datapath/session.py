@@ -346,10 +346,12 @@ class Session:
         if upstream_interest:
             reactor.hand_over(inbound.src_fd, self)
             self.upstream_interest = upstream_interest
-        # Why step before waiting: the client has usually sent its request while we were
-        # connecting, and trying costs one syscall where waiting costs an epoll round.
-        if self._step(outbound, eager=True):
-            self._settle()
+        # Why not try the client's socket now, though its request is often there: the
+        # reactor's next round reports it at the cost of one dispatch, while a step here
+        # reads on to EAGAIN, a splice and an exception more per connection. Measured on
+        # the conn bench, trying first cost 8 us of user CPU per connection and ~4% of
+        # the connection rate.
+        self._settle()
 
     def on_ready(self, fd: int, events: int) -> None:
         outbound, inbound = self.outbound, self.inbound
