@@ -3,9 +3,10 @@
 `ACCESS_LOG` is the process's one access log, as `logging` has one logger tree: the
 service configures it from `log:` (ops/logs.configure) and the relay hands it each
 finished connection. A line is built directly (ops/access_line.py) into a bounded
-buffer that is written in batches without blocking (ops/access_output.py): at the end
-of each reactor round (`flush`), within FLUSH_INTERVAL for lines finished elsewhere
-(`keep_flushing`), before the format changes on a reload, and at exit (`close`).
+buffer that is written in batches without blocking (ops/access_output.py): after a
+reactor round once a full write's worth is waiting (`flush_round`), otherwise within
+FLUSH_INTERVAL of the first line waiting (`keep_flushing`), before the format changes
+on a reload, and at exit (`close`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import IO
 import trio
 
 from splicerelay.ops.access_line import AccessLineFormat, MillisecondClock
-from splicerelay.ops.access_output import FLUSH_INTERVAL, AccessOutput, Output
+from splicerelay.ops.access_output import FLUSH_INTERVAL, PIPE_BUF, AccessOutput, Output
 from splicerelay.ops.journal import is_journal_stream
+
+# Bytes of lines that make a reactor round write them out (see AccessLog.flush_round).
+ROUND_FLUSH_BYTES = PIPE_BUF
 
 
 class TextStreamOutput(Output):
@@ -95,8 +99,8 @@ class AccessLog:
         if not self.enabled or buffer is None:
             return
         if not buffer.pending:
-            # The first line since the last write: make sure it goes out within
-            # FLUSH_INTERVAL even if no reactor round ends before then.
+            # The first line since the last write: it goes out within FLUSH_INTERVAL,
+            # or sooner if a round gathers a full write's worth.
             self._lines_waiting.set()
         buffer.add(
             self._format.line(
@@ -112,12 +116,23 @@ class AccessLog:
         )
 
     def flush(self) -> None:
-        """Write what the output takes now (the reactor calls this after each round)."""
+        """Write what the output takes now."""
         if self._buffer is not None:
             self._buffer.flush()
 
+    def flush_round(self) -> None:
+        """After a reactor round: write once a full write's worth is waiting.
+
+        Why not every round: under a storm of short connections a round ends only a few
+        of them, and a write per round cost more than building the lines. Fewer lines
+        than that wait for `keep_flushing`, at most FLUSH_INTERVAL.
+        """
+        buffer = self._buffer
+        if buffer is not None and buffer.pending >= ROUND_FLUSH_BYTES:
+            buffer.flush()
+
     async def keep_flushing(self) -> None:
-        """Write lines finished outside a reactor round within FLUSH_INTERVAL."""
+        """Write every line within FLUSH_INTERVAL of the first one waiting."""
         while True:
             await self._lines_waiting.wait()
             self._lines_waiting = trio.Event()

@@ -1,7 +1,8 @@
 """Where access-log lines go: a bounded buffer, written in batches without ever blocking.
 
-Lines are kept in memory and written out together: at the end of every reactor round
-and, for lines finished elsewhere, within FLUSH_INTERVAL. Every write is non-blocking.
+Lines are kept in memory and written out together: after a reactor round that leaves
+a full write's worth (PIPE_BUF), else within FLUSH_INTERVAL (ops/access_log.py says
+when). Every write is non-blocking.
 When the output does not keep up (a stalled journald, a full pipe nobody reads), lines
 wait in the buffer up to BUFFER_LIMIT; past it, new lines are dropped and counted, and
 the data path never waits on the log. At exit the rest is written with a bounded wait.
@@ -36,7 +37,7 @@ from collections.abc import Callable
 log = logging.getLogger("splicerelay")
 
 BUFFER_LIMIT = 1 << 20  # bytes of lines held while the output is blocked; past it, drop
-FLUSH_INTERVAL = 0.05  # seconds: lines finished outside a reactor round wait at most this
+FLUSH_INTERVAL = 0.05  # seconds: the longest a line waits while its output takes lines
 CLOSE_TIMEOUT = 5.0  # seconds to wait at exit for a blocked output to take the rest
 PIPE_BUF = select.PIPE_BUF
 SOCKET_CHUNK = 1 << 16

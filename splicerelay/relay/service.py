@@ -370,7 +370,7 @@ def run_relay(
     relay = Relay(
         config, runtimes, stats, listeners, use_splice=use_splice, access=write_access_log
     )
-    relay.reactor.after_round = ACCESS_LOG.flush
+    relay.reactor.after_round = ACCESS_LOG.flush_round
     if worker is not None and worker.admin_snapshot:
         try:
             apply_admin_snapshot(relay, worker.admin_snapshot)

@@ -308,7 +308,9 @@ async def test_a_stalled_stdout_stalls_neither_relaying_nor_memory_and_drops_are
                 with relaying_within(20, "100 connections"):
                     made += len(await crowd(listen, 100))
                 assert made * 1000 < 4 * BUFFER_LIMIT, "no line dropped: is stdout unbounded?"
-        assert pipe.unread() >= 48 << 10, "the relay's stdout is not full"
+        # (A pipe holds 16 page-sized slots and a write of whole lines rarely fills its
+        # slot, so a pipe that refuses writes holds less than its 64 KiB.)
+        assert pipe.unread() >= 32 << 10, f"the relay's stdout is not full: {pipe.unread()}"
         assert len(said(relay, not_taking)) == 1
 
         # (a) Relaying goes on at full speed while stdout takes nothing.
