@@ -139,6 +139,59 @@ gives each proxy one core of its own; `workers: auto` then counts one core and r
 plain process, and `haproxy-auto`, its counterpart, one thread.)
 
 
+Run 4: the relay as users run it (access log on), and the cost of a new connection
+----------------------------------------------------------------------------------
+
+Same VM, a slower day: HAProxy itself needed 104-114 us of CPU per new connection
+(60 in run 3). `splicerelay bench --rounds 5 --target direct --target relay --target
+relay-nolog --target haproxy`, every workload, then `--workload conn` again after the
+last change below, both without and with `--pin`:
+
+    unpinned        relay (log on)              relay-nolog                 relay/nolog
+    bulk            0.96x, CPU/GB 1.74x         0.90x, CPU/GB 1.66x         1.07x
+    bulk8           0.91x, CPU/GB 1.08x         0.93x, CPU/GB 0.90x         0.98x
+    rr              0.89x, 26.0 us/req vs 22.2  0.87x                       1.03x
+    conn (final)    0.71x, 181 us/conn vs 106   0.76x, 168 us/conn          0.93x
+    latency p50     1.68x (119 vs 71 us)        1.68x
+
+    pinned          relay (log on)              relay-nolog                 relay/nolog
+    bulk            0.97x, CPU/GB 1.16x         0.98x                       0.99x
+    bulk8           1.22x, CPU/GB 1.40x         0.93x                       1.32x
+    rr              0.84x, 27.3 us/req vs 22.2  0.90x                       0.94x
+    conn (final)    0.81x, 173 us/conn vs 104   0.86x, 163 us/conn          0.95x
+    latency p50     1.23x (87 vs 71 us)         1.23x
+
+rr was 0.90x (the relay before this run's changes) against 0.89x (after) in a side-by-side
+check, so it did not move; it is below run 3's 0.96x on this day's machine. The access
+log's cost in conn/s swings between 2% and 7% from run to run (relay/nolog 0.98x, 0.93x,
+0.95x); in CPU it is 6-10 us per connection.
+
+The levers of this run, each measured alone in side-by-side runs of `redis-benchmark -t
+get -c 50 -k 0 -n 10000` (5 interleaved rounds, medians; CPU from /proc):
+
+    lever                                          conn/s        user CPU per conn.
+    access log without `logging` (line built       0.57x -> 0.68x  123 -> 76 us
+      directly, batched non-blocking writes)         of HAProxy    (log off: 67)
+    access log written once 4 KiB wait, not        +2%           76 -> 70 us
+      every reactor round                                        (log off: 64)
+    accept inside the reactor's round (no          +4% (pinned)  74 -> 69 us
+      accept-task wake-up, no one-shot re-arm)
+    no first splice right after connect (it read   +4%           77 -> 69 us
+      on to EAGAIN: a splice and an exception)
+    TCP_DEFER_ACCEPT (`defer_accept: true`)        within noise  syscalls 21.65 -> 21.62
+    up to 4 extra epoll polls per round before     +1.7% (noise) 77 -> 74 us
+      yielding to trio                                           (not kept, as before)
+    accept until EAGAIN                            already done
+    IP_BIND_ADDRESS_NO_PORT                        not applicable: the relay never binds
+                                                   before connect
+
+Python calls per new connection (`python -m splicerelay.bench.calls`, 1,000
+connections one at a time): 338 with the access log and 327 without, before the accept
+and connect changes; 318 (194 Python, 124 C) after them. One at a time, trio's
+scheduler takes about 110 of them (two wake-ups per connection); under load its share
+spreads over many connections.
+
+
 What we changed, and what each change did
 =========================================
 
