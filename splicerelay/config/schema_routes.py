@@ -1,5 +1,6 @@
 """The schema of `routes` and `defaults`: each route's keys, types and defaults, its
-upstreams and health check, and the tunables a route inherits from `defaults`."""
+upstreams, and the tunables a route inherits from `defaults` (the health check's keys
+are in schema_health.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from splicerelay.config.model import (
     BALANCE_STRATEGIES,
     MAX_CONNECT_ATTEMPTS_LIMIT,
     MAX_CONNECTIONS_LIMIT,
-    MAX_HEALTH_COUNT,
     MAX_PIPE_SIZE,
     MAX_PROXY_PROTOCOL_MAX_HEADER,
     MAX_WEIGHT,
@@ -32,7 +32,6 @@ from splicerelay.config.model import (
     MIN_PROXY_PROTOCOL_MAX_HEADER,
     PROXY_PROTOCOL_VERSIONS,
     UPSTREAM_RESOLVE_MODES,
-    HealthCheck,
     Network,
     Route,
     Tunables,
@@ -41,13 +40,11 @@ from splicerelay.config.model import (
 )
 from splicerelay.config.nodes import (
     CheckedMapping,
-    boolean_value,
     child_path,
-    describe,
     line_of,
     quote,
 )
-from splicerelay.config.units import format_duration
+from splicerelay.config.schema_health import read_health_check
 from splicerelay.config.values import ValueReader
 
 TUNABLE_KEYS = (
@@ -63,7 +60,6 @@ TUNABLE_KEYS = (
     "proxy_protocol_max_header",
     "defer_accept",
 )
-HEALTH_CHECK_KEYS = ("interval", "timeout", "rise", "fall", "send", "expect")
 ROUTE_KEYS = (
     "name",
     "listen",
@@ -191,7 +187,7 @@ class RouteReader(ValueReader):
         health_check = None
         problems = len(self.problems)
         if "health_check" in fields:
-            health_check = self.health_check(fields["health_check"], f"{path}.health_check")
+            health_check = read_health_check(self, fields["health_check"], f"{path}.health_check")
         health_check_valid = len(self.problems) == problems
         tunables = self.overrides(section, defaults)
         allow = self.networks(fields["allow"], f"{path}.allow") if "allow" in fields else ()
@@ -261,48 +257,6 @@ class RouteReader(ValueReader):
                 " set defer_accept: false on this route",
             )
         return False
-
-    def health_check(self, node: yaml.Node, path: str) -> HealthCheck | None:
-        """The active checks `node` asks for: true is all defaults, false none. None when
-        there are none, or when a problem was reported."""
-        enabled = boolean_value(node)
-        if enabled is not None:
-            return HealthCheck() if enabled else None
-        if not isinstance(node, yaml.MappingNode):
-            self.report(node, path, f"expected a mapping, true or false, got {describe(node)}")
-            return None
-        section = self.mapping(node, path, HEALTH_CHECK_KEYS)
-        if section is None:
-            return None
-        fields = section.fields
-        problems = len(self.problems)
-        changes: dict[str, Any] = {}
-        for key in ("interval", "timeout"):
-            if key in fields:
-                changes[key] = self.duration(fields[key], f"{path}.{key}")
-        for key in ("rise", "fall"):
-            if key in fields:
-                changes[key] = self.integer(fields[key], f"{path}.{key}", 1, MAX_HEALTH_COUNT)
-        if "send" in fields:
-            changes["send"] = self.payload(fields["send"], f"{path}.send", "to send nothing")
-        if "expect" in fields:
-            changes["expect"] = self.payload(fields["expect"], f"{path}.expect", "to need no reply")
-        if len(self.problems) > problems:
-            return None
-        check = HealthCheck(**changes)
-        if check.timeout <= check.interval:
-            return check
-        interval, timeout = format_duration(check.interval), format_duration(check.timeout)
-        if "timeout" in fields:
-            message = f"{timeout} is longer than the interval ({interval})"
-            self.report(fields["timeout"], f"{path}.timeout", message)
-        else:
-            message = (
-                f"{interval} is shorter than the default timeout ({timeout});"
-                f" set a timeout of at most {interval}"
-            )
-            self.report(fields["interval"], f"{path}.interval", message)
-        return None
 
     def route_name(self, section: CheckedMapping, names: dict[str, int]) -> str | None:
         node = self.required(section, "name")
