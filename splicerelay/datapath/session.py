@@ -346,11 +346,9 @@ class Session:
         if upstream_interest:
             reactor.hand_over(inbound.src_fd, self)
             self.upstream_interest = upstream_interest
-        # Why not try the client's socket now, though its request is often there: the
-        # reactor's next round reports it at the cost of one dispatch, while a step here
-        # reads on to EAGAIN, a splice and an exception more per connection. Measured on
-        # the conn bench, trying first cost 8 us of user CPU per connection and ~4% of
-        # the connection rate.
+        # Why not try the client's socket now: the next round reports its request for one
+        # dispatch, where a step here reads on to EAGAIN (a splice and an exception more;
+        # 8 us of user CPU per connection on the conn bench, see bench/journal.py).
         self._settle()
 
     def on_ready(self, fd: int, events: int) -> None:
