@@ -199,7 +199,7 @@ def relay_environment(force_copy: bool = False) -> dict[str, str]:
     That way the relay measured is the code this bench belongs to, even when it runs from
     a source tree rather than an installed copy.
     """
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parent.parent.parent)
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + path if path else "")}
     if force_copy:

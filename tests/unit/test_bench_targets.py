@@ -204,8 +204,15 @@ def test_relay_copy_environment_forces_the_copy_path(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(relay_service.FORCE_COPY_ENV, "1")
     assert relay_service.FORCE_COPY_ENV not in relay_environment()
     assert relay_environment(force_copy=True)[relay_service.FORCE_COPY_ENV] == "1"
-    package_parent = str(Path(bench_targets.__file__).resolve().parent.parent)
-    assert relay_environment()["PYTHONPATH"].split(":")[0] == package_parent
+
+
+def test_the_relay_measured_is_this_very_package() -> None:
+    """The first PYTHONPATH entry is the directory that holds this `splicerelay`
+    package, so that the relay's process imports it ahead of any installed copy."""
+    first = Path(relay_environment()["PYTHONPATH"].split(":")[0])
+    package = Path(bench_targets.__file__).resolve().parent.parent
+    assert (first / "splicerelay").resolve() == package
+    assert (first / "splicerelay" / "__init__.py").is_file()
 
 
 def test_socat_forks_per_connection_on_loopback() -> None:
