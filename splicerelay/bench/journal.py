@@ -185,11 +185,25 @@ get -c 50 -k 0 -n 10000` (5 interleaved rounds, medians; CPU from /proc):
     IP_BIND_ADDRESS_NO_PORT                        not applicable: the relay never binds
                                                    before connect
 
+The last `--workload conn --rounds 5` runs, at the final code: unpinned, relay 0.77x
+(3,310 against 4,283 req/s, 213 against 131 us of CPU per connection) and relay-nolog
+0.77x (202 us); pinned, relay 0.80x (198 against 122 us) and relay-nolog 0.89x (178
+us). Idle (7,000 connections): 1.18 KiB RSS and 2.00 fds per connection (HAProxy 3.30
+KiB). `workers: auto` against `haproxy-auto` (2 processes against 2 threads, unpinned,
+3 rounds): 0.80x and 1.02x of one-thread HAProxy, 231 against 138 us per connection.
+
 Python calls per new connection (`python -m splicerelay.bench.calls`, 1,000
-connections one at a time): 338 with the access log and 327 without, before the accept
-and connect changes; 318 (194 Python, 124 C) after them. One at a time, trio's
-scheduler takes about 110 of them (two wake-ups per connection); under load its share
-spreads over many connections.
+connections one at a time), with the access log on / off:
+
+    before (stdlib logging, trio accept task, first splice after connect)   374 / 295
+    after                                                                   369 / 348
+
+The access log went from 31 calls per connection to 9 (off: 2 -> 5, the no-op write
+and the round's size check). One at a time, the rest grew by about 40: without the
+first splice after connect, the request waits for the next reactor round, and a round
+costs some 40 calls of trio's scheduler and the reactor when it serves one connection.
+Under load a round serves many connections, which is why the same change lowered the
+CPU per connection on the conn bench (77 -> 69 us); a lone client pays one more round.
 
 
 What we changed, and what each change did
