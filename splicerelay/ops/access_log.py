@@ -31,7 +31,6 @@ class TextStreamOutput(Output):
     def __init__(self, stream: IO[str]) -> None:
         self.fd = -1
         self.chunk = 1 << 16
-        self.blocking = True
         self._stream = stream
 
     def write(self, data: memoryview) -> int:

@@ -64,7 +64,6 @@ class Output:
     def __init__(self, fd: int) -> None:
         self.fd = fd  # the fd to wait on for writability
         self.chunk = SOCKET_CHUNK
-        self.blocking = False
         self._own_fd: int | None = None
         self._socket: socket.socket | None = None
         mode = os.fstat(fd).st_mode
@@ -81,7 +80,6 @@ class Output:
                     f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND
                 )
             except OSError as error:
-                self.blocking = True
                 log.warning(
                     "access log: stdout cannot be written without blocking"
                     f" ({error.strerror or error}); if it stalls, relaying stalls with it"

@@ -126,8 +126,11 @@ def log_config_warnings(config: Config, worker: AsWorker | None) -> None:
 
 
 def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) -> None:
-    """The access line of a finished connection (see relay/sessions.session_record for
-    what each field means)."""
+    """The access line of a finished connection.
+
+    `upstream` is the upstream the connection was relayed to or, when no connect
+    succeeded, the last one tried (None when none was: denied, no upstream, a limit).
+    """
     ACCESS_LOG.write(
         runtime.route.name,
         session.client_address,

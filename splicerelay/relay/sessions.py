@@ -109,20 +109,3 @@ class SessionTable:
         while self.sessions:
             self._all_done = trio.Event()
             await self._all_done.wait()
-
-
-def session_record(runtime: RouteRuntime, session: Session, outcome: Outcome) -> dict[str, object]:
-    """The access-log fields of one finished connection.
-
-    `upstream` is the upstream the connection was relayed to or, when no connect
-    succeeded, the last one tried (None when none was: denied, no upstream, a limit).
-    """
-    return {
-        "route": runtime.route.name,
-        "client": session.client_address,
-        "upstream": session.upstream_label or None,
-        "bytes_in": session.bytes_in,
-        "bytes_out": session.bytes_out,
-        "duration_seconds": round(trio.current_time() - session.started, 6),
-        "outcome": outcome.value,
-    }
