@@ -41,6 +41,7 @@ from splicerelay.config.model import (
     MetricsConfig,
     Network,
     Route,
+    RouteMatch,
     Upstream,
     worker_count,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "MetricsConfig",
     "Network",
     "Route",
+    "RouteMatch",
     "Upstream",
     "config_from_args",
     "config_warnings",

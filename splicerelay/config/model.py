@@ -30,6 +30,17 @@ DEFAULT_PROXY_PROTOCOL_MAX_HEADER = 4 << 10
 MIN_PROXY_PROTOCOL_MAX_HEADER = 256
 MAX_PROXY_PROTOCOL_MAX_HEADER = 16 + 0xFFFF
 
+# How long a route that matches on TLS waits for the client's whole ClientHello, as
+# HAProxy's `tcp-request inspect-delay` (which its docs show at 5s).
+DEFAULT_TLS_INSPECT_TIMEOUT = 5.0
+# The largest ClientHello a client may send, its record headers included: a 16 KiB
+# handshake message (one full TLS record's worth; HAProxy inspects within one 16 KiB
+# buffer, and today's largest hellos, with post-quantum key shares, are about 1.7 KiB)
+# plus one 5-byte record header.
+DEFAULT_TLS_MAX_CLIENT_HELLO = (16 << 10) + 5
+MIN_TLS_MAX_CLIENT_HELLO = 512
+MAX_TLS_MAX_CLIENT_HELLO = 256 << 10
+
 MIN_PIPE_SIZE = 4 << 10
 MAX_PIPE_SIZE = 1 << 30
 MAX_CONNECTIONS_LIMIT = 1_000_000
@@ -87,6 +98,18 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class RouteMatch:
+    """What a connection's TLS ClientHello must offer for a route to take it.
+
+    `sni`: host names, lower case, each exact (`app.example.com`) or a wildcard for one
+    label (`*.example.com`); empty matches any name and none. `alpn`: protocols, of
+    which the hello must offer at least one; empty matches any hello."""
+
+    sni: tuple[str, ...] = ()
+    alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Route:
     """One listener and the upstreams its connections go to.
 
@@ -120,6 +143,11 @@ class Route:
     # TCP_DEFER_ACCEPT on the listener: a connection is accepted once the client has
     # sent something (see relay/listeners.py). Only for TCP listeners the relay binds.
     defer_accept: bool = False
+    # Routes may share a listen address when each but one (the fallback) has a match;
+    # a route with a match reads nothing until the ClientHello is in (relay/tls_peek.py).
+    match: RouteMatch | None = None
+    tls_inspect_timeout: float = DEFAULT_TLS_INSPECT_TIMEOUT
+    tls_max_client_hello: int = DEFAULT_TLS_MAX_CLIENT_HELLO
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,8 @@ class Tunables:
     max_connections_per_source: int | None = None
     proxy_protocol_max_header: int = DEFAULT_PROXY_PROTOCOL_MAX_HEADER
     defer_accept: bool = False
+    tls_inspect_timeout: float = DEFAULT_TLS_INSPECT_TIMEOUT
+    tls_max_client_hello: int = DEFAULT_TLS_MAX_CLIENT_HELLO
 
 
 def route_with(tunables: Tunables, **settings: Any) -> Route:
