@@ -219,6 +219,7 @@ class Session:
     """
 
     __slots__ = (
+        "alpn",
         "cancel_scope",
         "client",
         "client_address",
@@ -236,6 +237,7 @@ class Session:
         "owner",
         "reactor",
         "seen_activity",
+        "sni",
         "source_key",
         "started",
         "tracked",
@@ -285,6 +287,10 @@ class Session:
         # Has trio itself waited on the client socket (reading a PROXY header)? Only then
         # must closing it go through trio.lowlevel.notify_closing.
         self.tracked = False
+        # On a listener that routes by TLS ClientHello, what the hello offered (for the
+        # access log): `alpn` is () from the start there, and None elsewhere.
+        self.sni: str | None = None
+        self.alpn: tuple[str, ...] | None = None
 
     @property
     def bytes_in(self) -> int:

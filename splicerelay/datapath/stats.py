@@ -103,6 +103,10 @@ class RouteStats:
     upstream_to_client: ByteCounter = field(default_factory=ByteCounter)
     active: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Outcome tls_inspect_failed, by reason (protocol/outcome.py's InspectFailure); only
+    # a TLS-routing listener's own counters have them (`inspects_tls`).
+    inspect_failures: Counter[str] = field(default_factory=Counter)
+    inspects_tls: bool = False
     # (upstream label, reason) -> count
     connect_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     upstreams: dict[str, UpstreamStats] = field(default_factory=dict)

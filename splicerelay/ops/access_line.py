@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from splicerelay.ops.journal import INFO
-from splicerelay.ops.logfmt import quote
+from splicerelay.ops.logfmt import quote, value_text
 
 
 class MillisecondClock:
@@ -89,8 +89,14 @@ class AccessLineFormat:
         bytes_out: int,
         duration_seconds: float,
         outcome: str,
+        sni: str | None = None,
+        alpn: tuple[str, ...] | None = None,
     ) -> str:
-        """One finished connection's line. `upstream` is None when no upstream was tried."""
+        """One finished connection's line. `upstream` is None when no upstream was tried.
+
+        `alpn` is None except on a listener that routes by TLS ClientHello, whose lines
+        end with the hello's `sni` (null when it named none) and `alpn` (a list) after
+        the outcome; every other line is as it always was."""
         route_part = self._route_parts.get(route)
         if route_part is None:
             route_part = self._route_parts[route] = self._route_part(route)
@@ -98,18 +104,29 @@ class AccessLineFormat:
         if upstream_part is None:
             upstream_part = self._upstream_parts[upstream] = self._upstream_part(upstream)
         duration = round(duration_seconds, 6)
+        hello = "" if alpn is None else self._hello_part(sni, alpn)
         if self._json:
             return (
                 f'{self._priority}{{"time": "{timestamp}"{route_part}'
                 f'"client": {json_string(client)}{upstream_part}'
                 f'"bytes_in": {bytes_in}, "bytes_out": {bytes_out}, '
-                f'"duration_seconds": {duration!r}, "outcome": "{outcome}"{self._suffix}'
+                f'"duration_seconds": {duration!r}, "outcome": "{outcome}"{hello}{self._suffix}'
             )
         return (
             f"{self._priority}{timestamp}{route_part}client={quote(client)}{upstream_part}"
             f"bytes_in={bytes_in} bytes_out={bytes_out} duration_seconds={duration!r} "
-            f"outcome={outcome}{self._suffix}"
+            f"outcome={outcome}{hello}{self._suffix}"
         )
+
+    def _hello_part(self, sni: str | None, alpn: tuple[str, ...]) -> str:
+        """The ClientHello's fields, after the outcome, as the logging formatters wrote
+        a str-or-None and a list (text: logfmt, the list as compact JSON). The client
+        chose them, so they are escaped like any value."""
+        if self._json:
+            name = "null" if sni is None else json_string(sni)
+            protocols = ", ".join(json_string(protocol) for protocol in alpn)
+            return f', "sni": {name}, "alpn": [{protocols}]'
+        return f" sni={quote(sni or '')} alpn={quote(value_text(list(alpn)))}"
 
     def _route_part(self, route: str) -> str:
         """What follows the timestamp up to the client's value, for `route`."""

@@ -93,7 +93,10 @@ class AccessLog:
         bytes_out: int,
         duration_seconds: float,
         outcome: str,
+        sni: str | None = None,
+        alpn: tuple[str, ...] | None = None,
     ) -> None:
+        """One finished connection's line (see AccessLineFormat.line)."""
         buffer = self._buffer
         if not self.enabled or buffer is None:
             return
@@ -111,6 +114,8 @@ class AccessLog:
                 bytes_out,
                 duration_seconds,
                 outcome,
+                sni,
+                alpn,
             )
         )
 

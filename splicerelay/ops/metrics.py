@@ -30,7 +30,7 @@ from splicerelay.config import Config
 from splicerelay.config.addresses import Address, TcpAddress, UnixAddress
 from splicerelay.datapath.stats import Histogram, RelayStats, RouteStats
 from splicerelay.ops.access_log import ACCESS_LOG
-from splicerelay.protocol.outcome import Outcome
+from splicerelay.protocol.outcome import InspectFailure, Outcome
 
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 PATHS = ("splice", "copy")
@@ -39,6 +39,26 @@ PATHS = ("splice", "copy")
 # change their label values (a state label that changed value would end one series and
 # start another, and `for: 1h` would forget how long the upstream had been there).
 ADMIN_STATES = ("ready", "drain", "maint")
+
+
+# Outcomes only a listener that routes by TLS ClientHello has (its own counters).
+TLS_OUTCOMES = (Outcome.NO_ROUTE, Outcome.TLS_INSPECT_FAILED)
+
+
+def add_outcomes(family: CounterMetricFamily, route: RouteStats) -> None:
+    """Every outcome of `route`, zeros too, so that alerts and rates see no gaps; on a
+    TLS-routing listener, tls_inspect_failed once per reason."""
+    outcomes = dict(route.outcomes)
+    for outcome in Outcome:
+        if outcome in TLS_OUTCOMES and not route.inspects_tls:
+            continue
+        if outcome is Outcome.TLS_INSPECT_FAILED:
+            failures = dict(route.inspect_failures)
+            for reason in InspectFailure:
+                count = failures.get(reason.value, 0)
+                family.add_metric([route.name, outcome.value, reason.value], count)
+            continue
+        family.add_metric([route.name, outcome.value, ""], outcomes.get(outcome.value, 0))
 
 
 class RelayCollector(Collector):
@@ -67,8 +87,9 @@ class RelayCollector(Collector):
         )
         finished = CounterMetricFamily(
             "splicerelay_connections",
-            "Client connections that ended, by how they ended.",
-            labels=["route", "outcome"],
+            "Client connections that ended, by how they ended (reason: why a TLS"
+            " ClientHello inspection failed; empty for every other outcome).",
+            labels=["route", "outcome", "reason"],
         )
         connect_errors = CounterMetricFamily(
             "splicerelay_upstream_connect_errors",
@@ -81,9 +102,7 @@ class RelayCollector(Collector):
                 bytes_total.add_metric([route.name, direction, "splice"], counter.splice)
                 bytes_total.add_metric([route.name, direction, "copy"], counter.copy)
             active.add_metric([route.name], route.active)
-            outcomes = dict(route.outcomes)
-            for outcome in Outcome:
-                finished.add_metric([route.name, outcome.value], outcomes.get(outcome.value, 0))
+            add_outcomes(finished, route)
             for (upstream, reason), count in list(route.connect_errors.items()):
                 connect_errors.add_metric([route.name, upstream, reason], count)
         yield bytes_total

@@ -29,3 +29,21 @@ class Outcome(StrEnum):
     # or relaying it), logged with its traceback; never a peer's doing. Both sides get a
     # reset, since bytes may have been lost. Any count here is a bug worth reporting.
     INTERNAL_ERROR = "internal_error"
+    # On a listener that routes by TLS ClientHello: a whole, valid hello came that no
+    # route's match takes, and the listener has no fallback route.
+    NO_ROUTE = "no_route"
+    # On a listener that routes by TLS ClientHello: no valid hello came (see
+    # InspectFailure for why); the `reason` label of connections_total says which.
+    TLS_INSPECT_FAILED = "tls_inspect_failed"
+
+
+class InspectFailure(StrEnum):
+    """Why a connection on a TLS-routing listener got no valid ClientHello: the `reason`
+    label of connections_total for outcome tls_inspect_failed. A small fixed set, since
+    a label's values must be bounded (the SNI itself is never a label)."""
+
+    TIMEOUT = "timeout"  # no complete hello within tls_inspect_timeout
+    NOT_TLS = "not_tls"  # the first bytes are no TLS handshake (plain HTTP, SSLv2, ...)
+    TOO_LARGE = "too_large"  # the hello would exceed tls_max_client_hello
+    MALFORMED = "malformed"  # TLS, but a broken hello (lengths that overrun, ...)
+    TRUNCATED = "truncated"  # the client closed its side before the hello was complete

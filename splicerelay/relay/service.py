@@ -130,6 +130,7 @@ def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) 
 
     `upstream` is the upstream the connection was relayed to or, when no connect
     succeeded, the last one tried (None when none was: denied, no upstream, a limit).
+    On a listener that routes by TLS ClientHello, the hello's SNI and ALPN follow.
     """
     ACCESS_LOG.write(
         runtime.route.name,
@@ -139,6 +140,8 @@ def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) 
         session.bytes_out,
         trio.current_time() - session.started,
         outcome.value,
+        session.sni,
+        session.alpn,
     )
 
 

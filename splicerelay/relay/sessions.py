@@ -61,6 +61,20 @@ class SessionTable:
         session.global_slot = global_slot
         return session, endpoint
 
+    def move(self, session: Session, target: RouteRuntime) -> None:
+        """Hand an open connection to `target`, which will finish it: a TLS-routing
+        listener's acceptor gives a connection to the route its hello chose.
+
+        The caller holds one of `target.slots` for it; the slot it held on its way in is
+        given back here. It has no per-source count yet (taken once a route has it)."""
+        runtime = session.owner
+        assert isinstance(runtime, RouteRuntime) and session.source_key is None
+        runtime.stats.active -= 1
+        runtime.slots.release()
+        self.sessions[session] = target
+        session.owner = target
+        target.stats.active += 1
+
     def finish(self, session: Session, outcome: Outcome) -> None:
         """Count, close and forget a connection, once: a later call is a no-op."""
         if session not in self.sessions:

@@ -60,6 +60,8 @@ def built_line(
         int(fields["bytes_out"]),  # type: ignore[call-overload]
         float(fields["duration_seconds"]),  # type: ignore[arg-type]
         str(fields["outcome"]),
+        None if fields.get("sni") is None else str(fields["sni"]),
+        tuple(fields["alpn"]) if "alpn" in fields else None,  # type: ignore[call-overload]
     )
 
 
@@ -94,10 +96,22 @@ CASES = [
 ]
 
 
+def tls_fields_of(sni: str | None, alpn: list[str], **others: object) -> dict[str, object]:
+    """The fields of a line on a listener that routes by TLS ClientHello."""
+    return {**fields_of(**others), "sni": sni, "alpn": alpn}  # type: ignore[arg-type]
+
+
+TLS_CASES = [
+    tls_fields_of("app.example.com", ["h2", "http/1.1"]),
+    tls_fields_of(None, [], route="0.0.0.0:443", upstream=None, outcome="tls_inspect_failed"),
+    tls_fields_of("a.example.com", ['we "ird"', "é", ""], outcome="no_route"),
+]
+
+
 @pytest.mark.parametrize("format", ["json", "text"])
 @pytest.mark.parametrize("worker", [None, 0, 3])
 @pytest.mark.parametrize("journal", [False, True])
-@pytest.mark.parametrize("fields", CASES)
+@pytest.mark.parametrize("fields", CASES + TLS_CASES)
 def test_a_built_line_is_the_line_logging_wrote(
     format: str, worker: int | None, journal: bool, fields: dict[str, object]
 ) -> None:
@@ -125,6 +139,21 @@ def test_any_text_in_any_field_matches_logging_and_stays_one_line(
     route: str, client: str, upstream: str | None
 ) -> None:
     fields = fields_of(route=route, client=client, upstream=upstream)
+    for format in ("json", "text"):
+        line = built_line(format, fields)
+        assert line == reference_line(format, fields)
+        assert line.count("\n") == 1 and line.endswith("\n")
+
+
+def test_tls_fields_follow_the_outcome() -> None:
+    entry = json.loads(built_line("json", TLS_CASES[0], worker=1))
+    assert list(entry) == [*FIELDS, "sni", "alpn", "worker"]
+    assert entry["sni"] == "app.example.com" and entry["alpn"] == ["h2", "http/1.1"]
+
+
+@given(sni=st.none() | texts, alpn=st.lists(texts, max_size=4))
+def test_any_sni_and_alpn_match_logging_and_stay_one_line(sni: str | None, alpn: list[str]) -> None:
+    fields = tls_fields_of(sni, alpn)
     for format in ("json", "text"):
         line = built_line(format, fields)
         assert line == reference_line(format, fields)
