@@ -326,10 +326,14 @@ def compose(text: str, filename: str) -> yaml.Node | None:
 
 # `[::1]:80` unquoted starts a YAML flow sequence, a mistake the parser cannot explain.
 _UNQUOTED_IPV6 = re.compile(r"(^|[\s:,-])\[[0-9A-Fa-f:.%]*\]:", re.ASCII)
+# `*.example.com` unquoted starts a YAML alias, whose name cannot hold a dot.
+_UNQUOTED_WILDCARD = re.compile(r"(^|[\s:,\[{-])\*\.", re.ASCII)
 
 
 def _yaml_hint(text: str, line: int) -> str:
     lines = text.splitlines()
     if 1 <= line <= len(lines) and _UNQUOTED_IPV6.search(lines[line - 1]):
         return "; an address in brackets must be quoted, e.g. '[::1]:80'"
+    if 1 <= line <= len(lines) and _UNQUOTED_WILDCARD.search(lines[line - 1]):
+        return "; a wildcard name must be quoted, e.g. '*.example.com'"
     return ""

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from splicerelay.config.model import Config, HealthCheck, Route
+from splicerelay.config.model import Config, HealthCheck, Route, RouteMatch
 from splicerelay.config.nodes import STR
 from splicerelay.config.units import format_duration, format_size
 
@@ -52,9 +52,12 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def _route_data(route: Route) -> dict[str, Any]:
+    # A route without match has no `match` key: there is no default to write out.
+    match = {} if route.match is None else {"match": _match_data(route.match)}
     return {
         "name": route.name,
         "listen": str(route.listen),
+        **match,
         "defer_accept": route.defer_accept,
         "upstreams": [
             {
@@ -70,6 +73,8 @@ def _route_data(route: Route) -> dict[str, Any]:
         "proxy_protocol_trusted": [str(network) for network in route.proxy_protocol_trusted],
         "proxy_protocol_timeout": format_duration(route.proxy_protocol_timeout),
         "proxy_protocol_max_header": format_size(route.proxy_protocol_max_header),
+        "tls_inspect_timeout": format_duration(route.tls_inspect_timeout),
+        "tls_max_client_hello": format_size(route.tls_max_client_hello),
         "health_check": _health_check_data(route.health_check),
         "connect_timeout": format_duration(route.connect_timeout),
         "idle_timeout": format_duration(route.idle_timeout),
@@ -83,6 +88,15 @@ def _route_data(route: Route) -> dict[str, Any]:
         "deny": [str(network) for network in route.deny],
         "allow_applies_to": route.allow_applies_to,
     }
+
+
+def _match_data(match: RouteMatch) -> dict[str, list[str]]:
+    data: dict[str, list[str]] = {}
+    if match.sni:
+        data["sni"] = list(match.sni)
+    if match.alpn:
+        data["alpn"] = list(match.alpn)
+    return data
 
 
 def _health_check_data(check: HealthCheck | None) -> dict[str, Any] | bool:

@@ -1,7 +1,8 @@
 """The relay's schema: the top level, `metrics` and `log`, and the checks across the file.
 
 `defaults` and `routes` are read by schema_routes; this module puts the whole Config
-together and checks that no two things listen on the same address.
+together and checks, with schema_shared, that no two things listen on the same address
+unless they are routes that share a listener by `match`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from splicerelay.config.addresses import ListenAddress, UnixAddress, parse_address
+from splicerelay.config.addresses import UnixAddress, parse_address
 from splicerelay.config.model import (
     CONTROL_SOCKET_AUTO,
     DEFAULT_METRICS_LISTEN,
@@ -34,10 +35,9 @@ from splicerelay.config.nodes import (
     boolean_value,
     describe,
     is_scalar,
-    line_of,
-    position,
 )
-from splicerelay.config.schema_routes import Listener, RouteReader
+from splicerelay.config.schema_routes import RouteReader
+from splicerelay.config.schema_shared import Listener, check_listen_addresses
 
 TOP_KEYS = (
     "workers",
@@ -204,20 +204,6 @@ class ConfigReader(RouteReader):
         return LogConfig(**changes)
 
     def check_listeners(self) -> None:
-        """Report each listen address already used by something earlier in the file."""
-
-        def where_written(listener: Listener) -> tuple[int, int]:
-            return (-1, -1) if listener.node is None else position(listener.node)
-
-        seen: dict[ListenAddress, Listener] = {}
-        for listener in sorted(self.listeners, key=where_written):
-            first = seen.setdefault(listener.address, listener)
-            if first is listener or listener.node is None:
-                continue
-            where = "" if first.node is None else f" (line {line_of(first.node)})"
-            default = " (the default metrics.listen)" if first.node is None else ""
-            self.report(
-                listener.node,
-                listener.path,
-                f"{listener.address} is already used by {first.owner}{where}{default}",
-            )
+        """Report each listen address used twice where it may not be, and each conflict
+        between routes that share a listener (schema_shared.py)."""
+        check_listen_addresses(self, self.listeners, self.sources, self.default_nodes)

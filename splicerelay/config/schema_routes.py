@@ -1,13 +1,12 @@
 """The schema of `routes` and `defaults`: each route's keys, types and defaults, its
 upstreams, and the tunables a route inherits from `defaults` (the health check's keys
-are in schema_health.py)."""
+are in schema_health.py, the match's in schema_match.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -27,9 +26,11 @@ from splicerelay.config.model import (
     MAX_CONNECTIONS_LIMIT,
     MAX_PIPE_SIZE,
     MAX_PROXY_PROTOCOL_MAX_HEADER,
+    MAX_TLS_MAX_CLIENT_HELLO,
     MAX_WEIGHT,
     MIN_PIPE_SIZE,
     MIN_PROXY_PROTOCOL_MAX_HEADER,
+    MIN_TLS_MAX_CLIENT_HELLO,
     PROXY_PROTOCOL_VERSIONS,
     UPSTREAM_RESOLVE_MODES,
     Network,
@@ -45,6 +46,8 @@ from splicerelay.config.nodes import (
     quote,
 )
 from splicerelay.config.schema_health import read_health_check
+from splicerelay.config.schema_match import MatchSource, read_match
+from splicerelay.config.schema_shared import Listener, RouteSource
 from splicerelay.config.values import ValueReader
 
 TUNABLE_KEYS = (
@@ -59,10 +62,13 @@ TUNABLE_KEYS = (
     "resolve_interval",
     "proxy_protocol_max_header",
     "defer_accept",
+    "tls_inspect_timeout",
+    "tls_max_client_hello",
 )
 ROUTE_KEYS = (
     "name",
     "listen",
+    "match",
     "upstreams",
     "balance",
     "proxy_protocol",
@@ -79,25 +85,14 @@ UPSTREAM_KEYS = ("address", "weight", "resolve")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
 
-@dataclass(frozen=True)
-class Listener:
-    """A configured listen address, to find two things listening on the same one.
-
-    Two routes saying the same `systemd:NAME` are duplicates too: both would want the one
-    socket passed under that name."""
-
-    address: ListenAddress
-    owner: str
-    path: str
-    node: yaml.Node | None  # None for the default metrics address, written nowhere
-
-
 class RouteReader(ValueReader):
-    """Reads `defaults` and `routes`, and notes every listen address in `listeners`."""
+    """Reads `defaults` and `routes`, and notes every listen address in `listeners` and
+    every valid route in `sources`, for the checks across routes (schema_shared.py)."""
 
     def __init__(self, filename: str) -> None:
         super().__init__(filename)
         self.listeners: list[Listener] = []
+        self.sources: list[RouteSource] = []
         # The nodes of the keys `defaults` sets, to say where a route got a setting from.
         self.default_nodes: dict[str, yaml.Node] = {}
 
@@ -134,6 +129,10 @@ class RouteReader(ValueReader):
                 node, path, MIN_PROXY_PROTOCOL_MAX_HEADER, MAX_PROXY_PROTOCOL_MAX_HEADER
             ),
             "defer_accept": self.boolean,
+            "tls_inspect_timeout": self.duration,
+            "tls_max_client_hello": lambda node, path: self.size(
+                node, path, MIN_TLS_MAX_CLIENT_HELLO, MAX_TLS_MAX_CLIENT_HELLO
+            ),
         }
         changes: dict[str, Any] = {}
         for key, read in readers.items():
@@ -189,6 +188,9 @@ class RouteReader(ValueReader):
         if "health_check" in fields:
             health_check = read_health_check(self, fields["health_check"], f"{path}.health_check")
         health_check_valid = len(self.problems) == problems
+        match: MatchSource | None = None
+        if "match" in fields:
+            match = read_match(self, fields["match"], f"{path}.match")
         tunables = self.overrides(section, defaults)
         allow = self.networks(fields["allow"], f"{path}.allow") if "allow" in fields else ()
         deny = self.networks(fields["deny"], f"{path}.deny") if "deny" in fields else ()
@@ -206,11 +208,13 @@ class RouteReader(ValueReader):
             return None
         if proxy_protocol is None or accept_proxy_protocol is None or not health_check_valid:
             return None
-        if allow_applies_to is None:
+        if allow_applies_to is None or ("match" in fields and match is None):
             return None
         if not self.defer_accept_fits(section, listen, tunables):
             return None
-        return route_with(
+        if match is not None and not self.match_fits(section, listen):
+            return None
+        route = route_with(
             tunables,
             name=name,
             listen=listen,
@@ -223,7 +227,10 @@ class RouteReader(ValueReader):
             deny=deny,
             proxy_protocol_trusted=trusted,
             allow_applies_to=allow_applies_to,
+            match=None if match is None else match.match,
         )
+        self.sources.append(RouteSource(route, section, match))
+        return route
 
     def defer_accept_fits(
         self, section: CheckedMapping, listen: ListenAddress, tunables: Tunables
@@ -256,6 +263,21 @@ class RouteReader(ValueReader):
                 f"defaults.defer_accept (line {where}) is true, but {why};"
                 " set defer_accept: false on this route",
             )
+        return False
+
+    def match_fits(self, section: CheckedMapping, listen: ListenAddress) -> bool:
+        """Whether the route's listener can route by ClientHello; reports why not.
+
+        A unix socket is refused: routing by TLS ClientHello is for TCP listeners, those
+        the relay binds and those systemd passes (`systemd:NAME`)."""
+        if not isinstance(listen, UnixAddress):
+            return True
+        self.report(
+            section.fields["match"],
+            f"{section.path}.match",
+            f"{listen} is a unix socket, and routing by TLS ClientHello is for TCP"
+            " listeners (host:port or systemd:NAME); give each route a socket of its own",
+        )
         return False
 
     def route_name(self, section: CheckedMapping, names: dict[str, int]) -> str | None:
@@ -295,7 +317,8 @@ class RouteReader(ValueReader):
         if isinstance(address, TcpAddress) and address.port == 0:
             self.report(node, path, "port 0 is not allowed here (a listener needs a fixed port)")
             return None
-        self.listeners.append(Listener(address, f"route {owner!r}", path, node))
+        matched = "match" in section.fields
+        self.listeners.append(Listener(address, f"route {owner!r}", path, node, matched))
         return address
 
     def upstreams(self, section: CheckedMapping) -> tuple[Upstream, ...] | None:

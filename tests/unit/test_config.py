@@ -601,11 +601,11 @@ def test_yaml_integer_spellings() -> None:
 # --- one mistake, one error line -------------------------------------------------------
 
 ROUTE_KEYS_LIST = (
-    "name, listen, upstreams, balance, proxy_protocol, accept_proxy_protocol,"
+    "name, listen, match, upstreams, balance, proxy_protocol, accept_proxy_protocol,"
     " proxy_protocol_trusted, allow, deny, allow_applies_to,"
     " health_check, connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
-    " proxy_protocol_max_header, defer_accept"
+    " proxy_protocol_max_header, defer_accept, tls_inspect_timeout, tls_max_client_hello"
 )
 TOP_KEYS_LIST = (
     "workers, shutdown_timeout, max_connections, metrics, control, log, defaults, routes"
@@ -613,7 +613,7 @@ TOP_KEYS_LIST = (
 DEFAULTS_KEYS_LIST = (
     "connect_timeout, idle_timeout, max_duration, pipe_size, max_connections,"
     " max_connect_attempts, max_connections_per_source, proxy_protocol_timeout, resolve_interval,"
-    " proxy_protocol_max_header, defer_accept"
+    " proxy_protocol_max_header, defer_accept, tls_inspect_timeout, tls_max_client_hello"
 )
 HEALTH_CHECK_KEYS_LIST = "interval, timeout, rise, fall, send, expect"
 DURATION_HINT = "(e.g. 250ms, 5s, 1.5s, 1m, 1h)"
@@ -1299,6 +1299,8 @@ routes:
   proxy_protocol_trusted: []
   proxy_protocol_timeout: 3s
   proxy_protocol_max_header: 4KiB
+  tls_inspect_timeout: 5s
+  tls_max_client_hello: 16389B
   health_check: false
   connect_timeout: 5s
   idle_timeout: 1h
@@ -1354,6 +1356,8 @@ def test_render_writes_out_every_new_setting() -> None:
   - ::1/128
   proxy_protocol_timeout: 250ms
   proxy_protocol_max_header: 1KiB
+  tls_inspect_timeout: 5s
+  tls_max_client_hello: 16389B
   health_check:
     interval: 2m
     timeout: 1s
