@@ -134,3 +134,27 @@ def test_trusted_networks_on_a_unix_listener_are_warned_about() -> None:
     )
     (warning,) = config_warnings(parse_config(text, FILE))
     assert "refuses every client" in warning
+
+
+def test_each_trust_setting_without_accepting_headers_gets_its_own_line() -> None:
+    text = ROUTE + "    proxy_protocol_trusted: [10.0.0.0/8]\n    allow_applies_to: peer\n"
+    assert config_warnings(parse_config(text, FILE)) == [
+        "route 'web': proxy_protocol_trusted has no effect without accept_proxy_protocol",
+        "route 'web': allow_applies_to has no effect without accept_proxy_protocol"
+        " (the peer is the client)",
+    ]
+
+
+def test_a_unix_listener_taking_headers_from_anyone_is_told_what_decides_there() -> None:
+    """A unix socket peer has no address: following the usual advice (list the proxies in
+    proxy_protocol_trusted) would refuse every client, and earn the warning above."""
+    text = ROUTE.replace("127.0.0.1:8080", "unix:/run/web.sock") + (
+        "    accept_proxy_protocol: true\n"
+    )
+    (warning,) = config_warnings(parse_config(text, FILE))
+    assert warning.startswith(
+        "route 'web': accept_proxy_protocol is on and proxy_protocol_trusted is empty:"
+        " any process that may connect to unix:/run/web.sock can claim any address"
+    )
+    assert "socket file's owner and mode" in warning
+    assert "list the proxies in front in proxy_protocol_trusted" not in warning
