@@ -1,33 +1,36 @@
 """The TLS ClientHello at the start of a stream, read as a pure function over bytes.
 
-A relay that routes TLS by name looks at the client's first flight without terminating
-TLS: the ClientHello (RFC 8446 4.1.2, RFC 5246 7.4.1.2) carries the server_name
-(RFC 6066 3), the ALPN list (RFC 7301) and the versions offered, all in clear text. The
-hello is one handshake message, carried in one or more TLS records of content type 22
-(handshake), each behind a 5-byte header: type, legacy record version, 16-bit length.
+To route TLS by name without terminating it, a relay reads the client's first message,
+the ClientHello (RFC 8446 4.1.2): it carries the server_name (RFC 6066 3), the ALPN list
+(RFC 7301) and the versions offered in clear text. It is one handshake message in one or
+more records of content type 22, each behind a 5-byte header (type, version, length).
 
-`parse_client_hello` looks at the bytes it is given and answers one of:
-
-- `NeedMore(needed)`: the bytes are a prefix of a possible hello; `needed` is a lower
-  bound on the stream bytes the whole hello takes, so a caller may wait for that many
-  (SO_RCVLOWAT) without waiting for bytes a valid client never sends. It never shrinks
-  as the prefix grows, and it is always more than the bytes given.
-- `NotTls`: the first record is no TLS handshake record (plain HTTP, an SSLv2-style hello,
-  an alert, ...), decided from the first byte or two, without waiting for a whole header.
-- `Malformed`: TLS, but a broken hello; decided as soon as the bytes show it.
-- `TooLarge`: the hello would need more than `max_size` bytes, decided from the first
-  header that shows it, before the bytes are there.
-- `ClientHello`: a whole, valid hello. Bytes after it (the next record) are not looked at.
-
-As with the PROXY codec, a result other than NeedMore for ``data[:k]`` stays the same kind
-for every longer prefix, so the caller may call again after every peek. Nothing here
-raises for any input: failures are results.
+`parse_client_hello` answers `NeedMore(needed)` while the bytes are a prefix of a possible
+hello: `needed` is a lower bound on the stream bytes the hello takes, more than given and
+never shrinking, so a caller may wait for that many (SO_RCVLOWAT) and never waits for
+bytes a valid client does not send. Otherwise it answers `NotTls` (decided from the first
+byte or two), `Malformed`, `TooLarge` (decided from the first header that shows it) or the
+`ClientHello`; bytes after the hello are not looked at. As with the PROXY codec, such an
+answer for ``data[:k]`` stays of the same kind for every longer prefix. No input raises.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
+
+from splicerelay.protocol.tls_extensions import (
+    ALPN,
+    ECH,
+    SERVER_NAME,
+    SUPPORTED_VERSIONS,
+    BrokenHello,
+    Reader,
+    alpn,
+    by_type,
+    highest_version,
+    server_name,
+)
 
 __all__ = [
     "DEFAULT_MAX_HELLO",
@@ -54,10 +57,6 @@ _HANDSHAKE_HEADER: Final = 4  # handshake header: msg_type, length (3)
 _HANDSHAKE: Final = 22
 _CLIENT_HELLO: Final = 1
 _OTHER_RECORDS: Final = {20: "change_cipher_spec", 21: "alert", 23: "application_data"}
-_SERVER_NAME: Final = 0
-_ALPN: Final = 16
-_SUPPORTED_VERSIONS: Final = 43
-_ECH: Final = 0xFE0D
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +108,6 @@ class ClientHello:
 HelloResult = NeedMore | NotTls | Malformed | TooLarge | ClientHello
 
 
-class _Broken(Exception):
-    """Internal: the hello is malformed; never leaves this module."""
-
-
 def parse_client_hello(
     data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_HELLO
 ) -> HelloResult:
@@ -127,7 +122,7 @@ def parse_client_hello(
         return NotTls(_not_handshake(stream))
     try:
         return _collect(stream, max_size)
-    except _Broken as broken:
+    except BrokenHello as broken:
         return Malformed(str(broken))
 
 
@@ -148,23 +143,27 @@ def _collect(stream: bytes, max_size: int) -> HelloResult:
     prefix meets the same checks as the whole stream, only fewer of them; that keeps a
     result final once it is not NeedMore.
     """
-    pos, message = 0, bytearray()
+    pos, message, total = 0, bytearray(), None
     while True:
         header = stream[pos : pos + _HEADER]
         if pos:
             _check_later_header(header)
-        due = _due(message)
+        # Handshake bytes still due: to the message's end, or its header's while unknown.
+        due = (total or _HANDSHAKE_HEADER) - len(message)
         if len(header) < _HEADER:
             return _wait(pos + _HEADER + due if pos else _HEADER, max_size)
         length = _record_length(header)
+        # The header alone may show the hello too large, before the fragment is read.
         if _lower_bound(pos, length, due) > max_size:
             return TooLarge(_lower_bound(pos, length, due))
         fragment = stream[pos + _HEADER : pos + _HEADER + length]
         total = _message_total(bytes(message[:_HANDSHAKE_HEADER]) + fragment[:_HANDSHAKE_HEADER])
         if total is not None:
             due = total - len(message)
+            # RFC 8446 5.1: a ClientHello ends at a record boundary, as keys may change
+            # after it. That also makes `size` exact: the hello is whole records.
             if length > due:
-                raise _Broken("the ClientHello does not end at a record boundary (RFC 8446 5.1)")
+                raise BrokenHello("the ClientHello does not end at a record boundary")
         needed = _lower_bound(pos, length, due)
         if len(fragment) < length or needed > max_size:
             return _wait(needed, max_size)
@@ -177,15 +176,15 @@ def _collect(stream: bytes, max_size: int) -> HelloResult:
 def _check_later_header(header: bytes) -> None:
     if header[:1] and header[0] != _HANDSHAKE:
         kind = _OTHER_RECORDS.get(header[0], f"type {header[0]}")
-        raise _Broken(f"a {kind} record inside the ClientHello")
+        raise BrokenHello(f"a {kind} record inside the ClientHello")
     if header[1:2] and header[1] != 3:
-        raise _Broken(f"record version major byte is {header[1]}, not 3")
+        raise BrokenHello(f"record version major byte is {header[1]}, not 3")
 
 
 def _record_length(header: bytes) -> int:
     length = int.from_bytes(header[3:5], "big")
     if not 0 < length <= MAX_RECORD_LENGTH:
-        raise _Broken(f"record length {length} is not in 1..{MAX_RECORD_LENGTH}")
+        raise BrokenHello(f"record length {length} is not in 1..{MAX_RECORD_LENGTH}")
     return length
 
 
@@ -193,16 +192,10 @@ def _message_total(head: bytes) -> int | None:
     """The handshake message's whole length once `head`, its first bytes, holds its
     header; checks its type as soon as that byte is there."""
     if head[:1] and head[0] != _CLIENT_HELLO:
-        raise _Broken(f"handshake message type {head[0]}, not ClientHello (1)")
+        raise BrokenHello(f"handshake message type {head[0]}, not ClientHello (1)")
     if len(head) < _HANDSHAKE_HEADER:
         return None
     return _HANDSHAKE_HEADER + int.from_bytes(head[1:4], "big")
-
-
-def _due(message: bytearray) -> int:
-    """Handshake bytes still to come after `message`: to its end, or to its header's."""
-    total = _message_total(bytes(message[:_HANDSHAKE_HEADER]))
-    return (_HANDSHAKE_HEADER if total is None else total) - len(message)
 
 
 def _lower_bound(pos: int, length: int, missing: int) -> int:
@@ -217,134 +210,25 @@ def _wait(needed: int, max_size: int) -> NeedMore | TooLarge:
     return TooLarge(needed) if needed > max_size else NeedMore(needed)
 
 
-# --- the ClientHello body -------------------------------------------------------------
-
-
-class _Reader:
-    """A cursor over bytes whose reads raise _Broken instead of running past the end."""
-
-    __slots__ = ("_data", "_pos")
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def left(self) -> int:
-        return len(self._data) - self._pos
-
-    def take(self, count: int, what: str) -> bytes:
-        if count > self.left():
-            raise _Broken(f"{what} overruns its block ({count} bytes, {self.left()} left)")
-        self._pos += count
-        return self._data[self._pos - count : self._pos]
-
-    def number(self, width: int, what: str) -> int:
-        return int.from_bytes(self.take(width, what), "big")
-
-    def vector(self, width: int, what: str) -> bytes:
-        """A block behind a `width`-byte length."""
-        return self.take(self.number(width, what), what)
-
-    def end(self, what: str) -> None:
-        if self.left():
-            raise _Broken(f"{self.left()} stray bytes after {what}")
-
-
-def _sole_vector(value: bytes, width: int, what: str) -> bytes:
-    """The one non-empty length-prefixed block an extension's value must be, exactly."""
-    reader = _Reader(value)
-    block = reader.vector(width, what)
-    reader.end(what)
-    if not block:
-        raise _Broken(f"empty {what}")
-    return block
-
-
 def _parse_hello(body: bytes, size: int) -> ClientHello:
-    reader = _Reader(body)
+    """The fields of the ClientHello body, in order (RFC 8446 4.1.2, RFC 5246 7.4.1.2)."""
+    reader = Reader(body)
     legacy_version = reader.number(2, "legacy_version")
     reader.take(32, "random")
     if len(reader.vector(1, "legacy_session_id")) > 32:
-        raise _Broken("legacy_session_id longer than 32 bytes")
+        raise BrokenHello("legacy_session_id longer than 32 bytes")
     suites = reader.vector(2, "cipher_suites")
     if not suites or len(suites) % 2:
-        raise _Broken(f"cipher_suites of {len(suites)} bytes (must be even, not 0)")
+        raise BrokenHello(f"cipher_suites of {len(suites)} bytes (must be even, not 0)")
     if not reader.vector(1, "legacy_compression_methods"):
-        raise _Broken("no legacy_compression_methods")
+        raise BrokenHello("no legacy_compression_methods")
     # Before TLS 1.3 the extensions block may be absent altogether (RFC 5246 7.4.1.2).
-    extensions = _extensions(reader.vector(2, "extensions")) if reader.left() else {}
+    extensions = by_type(reader.vector(2, "extensions")) if reader.left() else {}
     reader.end("the extensions")
     return ClientHello(
-        server_name=_server_name(extensions.get(_SERVER_NAME)),
-        alpn=_alpn(extensions.get(_ALPN)),
-        version=_version(extensions.get(_SUPPORTED_VERSIONS), legacy_version),
-        has_ech=_ECH in extensions,
+        server_name=server_name(extensions.get(SERVER_NAME)),
+        alpn=alpn(extensions.get(ALPN)),
+        version=highest_version(extensions.get(SUPPORTED_VERSIONS), legacy_version),
+        has_ech=ECH in extensions,
         size=size,
     )
-
-
-def _extensions(block: bytes) -> dict[int, bytes]:
-    """Each extension's value by type; RFC 8446 4.2 forbids two of one type."""
-    reader, found = _Reader(block), {}
-    while reader.left():
-        kind = reader.number(2, "extension type")
-        if kind in found:
-            raise _Broken(f"extension {kind:#06x} appears twice")
-        found[kind] = reader.vector(2, f"extension {kind:#06x}")
-    return found
-
-
-def _server_name(value: bytes | None) -> str | None:
-    """The host_name of a ServerNameList. Entries of other types (none is defined) are
-    skipped, as Go's crypto/tls does; RFC 6066 3 allows one name per type."""
-    if value is None:
-        return None
-    reader, name = _Reader(_sole_vector(value, 2, "server_name list")), None
-    while reader.left():
-        kind = reader.number(1, "server_name type")
-        entry = reader.vector(2, "server_name entry")
-        if kind != 0:
-            continue
-        if name is not None:
-            raise _Broken("two host_names in server_name")
-        name = _host_name(entry)
-    return name
-
-
-def _host_name(raw: bytes) -> str:
-    """Printable ASCII without spaces (a DNS name, RFC 6066 3), lower-cased, its one
-    trailing dot dropped: "Example.COM." and "example.com" name the same host."""
-    if any(not 0x21 <= octet <= 0x7E for octet in raw):
-        raise _Broken(f"host_name {raw[:64]!r} is not printable ASCII")
-    name = raw.decode("ascii").lower().removesuffix(".")
-    if not name:
-        raise _Broken("empty host_name")
-    return name
-
-
-def _alpn(value: bytes | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    reader, protocols = _Reader(_sole_vector(value, 2, "ALPN list")), []
-    while reader.left():
-        protocol = reader.vector(1, "ALPN protocol")
-        if not protocol:
-            raise _Broken("empty ALPN protocol name (RFC 7301 3.1)")
-        protocols.append(protocol.decode("latin-1"))
-    return tuple(protocols)
-
-
-def _version(value: bytes | None, legacy_version: int) -> int:
-    """The highest version in supported_versions, GREASE values (RFC 8701: 0x0A0A,
-    0x1A1A, ... 0xFAFA) left out; legacy_version without the extension."""
-    if value is None:
-        return legacy_version
-    versions = _sole_vector(value, 1, "supported_versions")
-    if len(versions) % 2:
-        raise _Broken(f"supported_versions of odd length {len(versions)}")
-    offered = (int.from_bytes(versions[i : i + 2], "big") for i in range(0, len(versions), 2))
-    real = [version for version in offered if not _is_grease(version)]
-    return max(real, default=legacy_version)
-
-
-def _is_grease(value: int) -> bool:
-    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF

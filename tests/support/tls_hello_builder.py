@@ -136,12 +136,14 @@ def python_client_hello(
     alpn_protocols: Sequence[str] = (),
     *,
     ciphers: str | None = None,
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
     maximum_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
 ) -> bytes:
     """The first flight Python's ssl (OpenSSL) sends, captured through a MemoryBIO."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = minimum_version
     context.maximum_version = maximum_version
     if ciphers is not None:
         context.set_ciphers(ciphers)

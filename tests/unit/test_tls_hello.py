@@ -51,6 +51,7 @@ TLS13_HELLO = python_client_hello("App.Example.COM", LONG_ALPN, ciphers="ALL")
 TLS12_HELLO = python_client_hello(
     "legacy.example", ["http/1.1"], maximum_version=ssl.TLSVersion.TLSv1_2
 )
+TLS13_ONLY_HELLO = python_client_hello("only13.example", minimum_version=ssl.TLSVersion.TLSv1_3)
 NO_SNI_HELLO = python_client_hello(None)
 # Like a current browser's: a post-quantum key share and an ECH extension (real or GREASE).
 BIG_KEY_SHARE_HELLO = client_hello(
@@ -60,7 +61,7 @@ BIG_KEY_SHARE_HELLO = client_hello(
     key_share((0x3A3A, 1), (X25519MLKEM768, 1216), (X25519, 32)),
     ech(),
 )
-REAL_HELLOS = [TLS13_HELLO, TLS12_HELLO, NO_SNI_HELLO]
+REAL_HELLOS = [TLS13_HELLO, TLS12_HELLO, TLS13_ONLY_HELLO, NO_SNI_HELLO]
 # A server_name list whose host_name follows an entry of an undefined type.
 SNI_AFTER_ANOTHER_TYPE = extension(
     0, vector(2, b"\x09" + vector(2, b"x") + b"\x00" + vector(2, b"b.example"))
@@ -106,6 +107,12 @@ def test_python_tls12_only_hello_has_the_legacy_version() -> None:
         ("http/1.1",),
         TLS12,
     )
+
+
+def test_python_tls13_only_hello() -> None:
+    hello = parsed(TLS13_ONLY_HELLO)
+    assert (hello.server_name, hello.version) == ("only13.example", TLS13)
+    assert b"\x00\x2b\x00\x03\x02\x03\x04" in TLS13_ONLY_HELLO  # offers 1.3 alone
 
 
 def test_python_hello_without_server_hostname_has_no_sni() -> None:
@@ -244,9 +251,28 @@ def test_too_large_from_the_handshake_length() -> None:
     assert parse_client_hello(head, max_size=0x10004 + 10) == NeedMore(10 + 0x10004)
 
 
+def test_too_large_once_a_whole_record_shows_it() -> None:
+    # The first record is whole and names the message length; whatever comes next (an
+    # alert here) is not looked at, since the rest could not fit anyway.
+    message = handshake(hello_body())
+    first = record(message[:50])
+    needed = len(first) + 5 + len(message) - 50
+    assert parse_client_hello(first, max_size=needed - 1) == TooLarge(needed)
+    alert = record(b"\x02\x28", content_type=21)
+    assert parse_client_hello(first + alert, max_size=needed - 1) == TooLarge(needed)
+
+
 def test_too_large_at_a_later_record_header() -> None:
     split = records(unwrap(TLS12_HELLO), [100])
     assert parse_client_hello(split[:110], max_size=len(split) - 1) == TooLarge(len(split))
+
+
+def test_too_large_stays_too_large_once_said() -> None:
+    # The header's record (100 bytes) is over max_size before the handshake length shows
+    # the record running past the hello: too large it is, for every longer prefix too.
+    stream = record(handshake(hello_body())[:4] + bytes(96))
+    for k in range(5, len(stream) + 1):
+        assert parse_client_hello(stream[:k], max_size=50) == TooLarge(105), k
 
 
 def test_max_size_is_inclusive() -> None:
