@@ -40,6 +40,7 @@ from splicerelay.relay.control_client import DEFAULT_TIMEOUT, ControlClientError
 from splicerelay.relay.listeners import ListenerSet, Role
 from splicerelay.relay.name_check import check_names
 from splicerelay.relay.service import AsWorker, configure_service_logs, run_relay
+from splicerelay.relay.sni_table import describe_listeners
 from splicerelay.workers.contract import (
     CUT_SIGNAL,
     RELOAD_RESULT_FIELD,
@@ -171,6 +172,9 @@ def command_check(args: argparse.Namespace) -> int:
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(render_config(config))
+    # As YAML comments, so that what check prints stays a config check reads back.
+    for line in describe_listeners(config.routes):
+        print(f"# {line}")
     return 0
 
 
