@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from splicerelay.config.addresses import ListenAddress, UnixAddress
 from splicerelay.config.model import RouteMatch
 from splicerelay.config.nodes import CheckedMapping, describe, is_sequence, line_of, quote
 from splicerelay.config.values import ValueReader
@@ -135,6 +136,22 @@ class MatchSource:
     match: RouteMatch
     names: dict[str, Written]
     protocols: dict[str, Written]
+
+
+def match_fits(reader: ValueReader, section: CheckedMapping, listen: ListenAddress) -> bool:
+    """Whether the route's listener can route by ClientHello; reports why not.
+
+    A unix socket is refused: routing by TLS ClientHello is for TCP listeners, those
+    the relay binds and those systemd passes (`systemd:NAME`)."""
+    if not isinstance(listen, UnixAddress):
+        return True
+    reader.report(
+        section.fields["match"],
+        f"{section.path}.match",
+        f"{listen} is a unix socket, and routing by TLS ClientHello is for TCP"
+        " listeners (host:port or systemd:NAME); give each route a socket of its own",
+    )
+    return False
 
 
 def read_match(reader: ValueReader, node: yaml.Node, path: str) -> MatchSource | None:

@@ -46,7 +46,7 @@ from splicerelay.config.nodes import (
     quote,
 )
 from splicerelay.config.schema_health import read_health_check
-from splicerelay.config.schema_match import MatchSource, read_match
+from splicerelay.config.schema_match import MatchSource, match_fits, read_match
 from splicerelay.config.schema_shared import Listener, RouteSource
 from splicerelay.config.values import ValueReader
 
@@ -212,7 +212,7 @@ class RouteReader(ValueReader):
             return None
         if not self.defer_accept_fits(section, listen, tunables):
             return None
-        if match is not None and not self.match_fits(section, listen):
+        if match is not None and not match_fits(self, section, listen):
             return None
         route = route_with(
             tunables,
@@ -263,21 +263,6 @@ class RouteReader(ValueReader):
                 f"defaults.defer_accept (line {where}) is true, but {why};"
                 " set defer_accept: false on this route",
             )
-        return False
-
-    def match_fits(self, section: CheckedMapping, listen: ListenAddress) -> bool:
-        """Whether the route's listener can route by ClientHello; reports why not.
-
-        A unix socket is refused: routing by TLS ClientHello is for TCP listeners, those
-        the relay binds and those systemd passes (`systemd:NAME`)."""
-        if not isinstance(listen, UnixAddress):
-            return True
-        self.report(
-            section.fields["match"],
-            f"{section.path}.match",
-            f"{listen} is a unix socket, and routing by TLS ClientHello is for TCP"
-            " listeners (host:port or systemd:NAME); give each route a socket of its own",
-        )
         return False
 
     def route_name(self, section: CheckedMapping, names: dict[str, int]) -> str | None:
