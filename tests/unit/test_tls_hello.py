@@ -367,6 +367,10 @@ MALFORMED = {
         record(handshake(hello_body(extensions_block=b"\x00\x09\x00\x00\x00\x00"))),
         "extensions overruns",
     ),
+    "extension-header-cut": (
+        record(handshake(hello_body(extensions_block=b"\x00\x03\x00\x00\x00"))),
+        "extension header overruns",
+    ),
     "extension-overrun": (
         record(handshake(hello_body(extensions_block=b"\x00\x04\x00\x00\x00\x09"))),
         "extension 0x0000 overruns",
