@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _socket
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -44,6 +45,7 @@ from splicerelay.relay.routes import (
     passes_rules,
 )
 from splicerelay.relay.sessions import SessionTable
+from splicerelay.relay.tls_setup import inspect_and_route
 from splicerelay.relay.upstreams import UpstreamRuntime
 
 log = logging.getLogger("splicerelay")
@@ -84,19 +86,33 @@ class ConnectionSetup:
             self.table.finish(session, Outcome.CLIENT_RESET)  # gone before we could look
             return
         route = runtime.route
+        if route.accept_proxy_protocol and not is_trusted(route, endpoint):
+            self.table.finish(session, Outcome.PROXY_UNTRUSTED)
+            return
+        if runtime.tls is not None:
+            # A listener that routes by ClientHello: the route's rules apply once the
+            # hello has chosen it (tls_setup.py).
+            session.alpn = ()  # (its access lines carry the hello's fields)
+            self._start_task(
+                session, inspect_and_route, self.table, runtime, session, endpoint, self._set_up
+            )
+            return
         if route.accept_proxy_protocol:
-            if not is_trusted(route, endpoint):
-                self.table.finish(session, Outcome.PROXY_UNTRUSTED)
-                return
             if route.allow_applies_to != "proxy" and not passes_rules(route, endpoint):
                 self.table.finish(session, Outcome.DENIED)
                 return
-            assert self.nursery is not None
-            session.tracked = True  # trio waits on the client socket for the header
-            session.cancel_scope = trio.CancelScope()
-            self.nursery.start_soon(self._read_proxy_header, runtime, session, endpoint)
+            self._start_task(session, self._read_proxy_header, runtime, session, endpoint)
             return
         self._set_up(runtime, session, endpoint, None, check_rules=True)
+
+    def _start_task(
+        self, session: Session, task: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run `task` for `session`, which waits on its client socket first."""
+        assert self.nursery is not None
+        session.tracked = True  # trio waits on the client socket
+        session.cancel_scope = trio.CancelScope()
+        self.nursery.start_soon(task, *args)
 
     async def _read_proxy_header(
         self, runtime: RouteRuntime, session: Session, source: Endpoint | None
@@ -151,7 +167,6 @@ class ConnectionSetup:
         session: Session,
         source: Endpoint | None,
         destination: Endpoint | None,
-        *,
         check_rules: bool,
     ) -> None:
         """Check the client against the route's rules, then start connecting.

@@ -33,6 +33,7 @@ from splicerelay.relay.routes import (
 )
 from splicerelay.relay.sessions import AccessLogger, SessionTable
 from splicerelay.relay.timers import expire_connects, sweep_idle
+from splicerelay.relay.tls_routing import make_acceptors
 
 log = logging.getLogger("splicerelay")
 
@@ -63,6 +64,8 @@ class Relay:
     ) -> None:
         self.config = config
         self.runtimes = runtimes
+        # One per listener that routes by TLS ClientHello: it accepts for its routes.
+        self.acceptors = make_acceptors(runtimes, stats)
         self.stats = stats
         self.listeners = listeners
         self.pool = PipePool(stats.pipes)
@@ -116,7 +119,7 @@ class Relay:
                 sessions.start_soon(expire_connects, self.table.connecting, self._current_runtimes)
                 async with trio.open_nursery() as routes:
                     self._route_nursery = routes
-                    for runtime in self.runtimes:
+                    for runtime in self.runtimes + self.acceptors:
                         self._start_route(runtime)
                     self.serving = True
                     task_status.started()
@@ -132,7 +135,7 @@ class Relay:
             self.pool.close()
 
     def _current_runtimes(self) -> list[RouteRuntime]:
-        return self.runtimes
+        return self.runtimes + self.acceptors
 
     def _start_route(self, runtime: RouteRuntime) -> None:
         assert self._route_nursery is not None
@@ -141,8 +144,10 @@ class Relay:
     async def _run_route(self, runtime: RouteRuntime) -> None:
         with runtime.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.admission.accept_loop, runtime)
-                nursery.start_soon(maintain_members, runtime)
+                if runtime.accepts:
+                    nursery.start_soon(self.admission.accept_loop, runtime)
+                if runtime.tls is None:  # (an acceptor has no members of its own)
+                    nursery.start_soon(maintain_members, runtime)
 
     async def reload(self, config: Config) -> None:
         """Apply `config` to new connections; raise StartupError and change nothing if
@@ -160,7 +165,8 @@ class Relay:
             if runtime.route.name in previous:
                 # Connections from before the reload still count against their source.
                 runtime.per_source = previous[runtime.route.name].per_source
-        for runtime in old:
+        acceptors = make_acceptors(runtimes, self.stats)
+        for runtime in old + self.acceptors:
             runtime.scope.cancel()
             self.admission.stop_accepting(runtime)  # before its listener may close
         self.listeners.close_except({runtime.route.listen for runtime in runtimes}, close_socket)
@@ -175,7 +181,8 @@ class Relay:
         self.apply_admin(runtimes)
         self.config = config
         self.runtimes = runtimes
-        for runtime in runtimes:
+        self.acceptors = acceptors
+        for runtime in runtimes + acceptors:
             self._start_route(runtime)
         log.info(
             "config reloaded",

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -19,6 +20,9 @@ from splicerelay.protocol.balancer import Strategy, make_strategy
 from splicerelay.relay.admin_store import AdminStore
 from splicerelay.relay.listeners import ListenError, ListenerSet
 from splicerelay.relay.upstreams import ResolveError, UpstreamRuntime, make_upstreams
+
+if TYPE_CHECKING:
+    from splicerelay.relay.tls_routing import TlsRouting
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Endpoint = tuple[str, int]
@@ -106,6 +110,11 @@ class RouteRuntime:
     # its sessions live on in the relay's session nursery.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     admin: AdminStore = field(default_factory=AdminStore)
+    # False for a route on a listener that routes by ClientHello: the listener's
+    # acceptor accepts for it and hands it its connections (tls_routing.py).
+    accepts: bool = True
+    # Set on such an acceptor only: where its connections go once their hello is in.
+    tls: TlsRouting | None = None
 
     def attempt_order(self, client_ip: str | None) -> list[int]:
         upstreams = self.upstreams

@@ -1,0 +1,123 @@
+"""Setting up a connection on a listener that routes by TLS ClientHello.
+
+The acceptor (tls_routing.py) took the connection. In one task: read the PROXY header if
+the listener accepts them (the peer was checked against proxy_protocol_trusted on
+arrival), peek at the ClientHello (tls_peek.py), choose the route, wait for one of its
+connection slots, and hand the connection to it. From there it is set up as on any
+route: the peer and the client the header names are checked against the chosen route's
+allow/deny as its `allow_applies_to` says, its per-source limit applies, and it connects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from splicerelay.datapath.session import Session
+from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.proxy_header import ProxyHeaderRejected, receive_proxy_header
+from splicerelay.relay.routes import Endpoint, RouteRuntime, format_endpoint, passes_rules
+from splicerelay.relay.sessions import SessionTable
+from splicerelay.relay.tls_peek import InspectFailed, peek_client_hello
+
+log = logging.getLogger("splicerelay")
+
+# (route, session, source, destination, check_rules): ConnectionSetup._set_up
+SetUp = Callable[[RouteRuntime, Session, Endpoint | None, Endpoint | None, bool], None]
+
+
+async def take_slot(runtime: RouteRuntime) -> None:
+    """One of the route's connection slots; time spent waiting is time at its limit."""
+    slots = runtime.slots
+    try:
+        slots.acquire_nowait()
+        return
+    except trio.WouldBlock:
+        pass
+    started = trio.current_time()
+    try:
+        await slots.acquire()
+    finally:
+        runtime.stats.limited_seconds += trio.current_time() - started
+
+
+async def inspect_and_route(
+    table: SessionTable,
+    acceptor: RouteRuntime,
+    session: Session,
+    peer: Endpoint | None,
+    set_up: SetUp,
+) -> None:
+    """Route `session` by its ClientHello, or finish it with the outcome that says why."""
+    listener = acceptor.route
+    routing = acceptor.tls
+    assert routing is not None and session.cancel_scope is not None
+    source, destination = peer, None
+    target: RouteRuntime | None = None
+    outcome: Outcome | None = None
+    try:
+        with session.cancel_scope:
+            # Why a checkpoint first: a stop() that came before this task ran must end it.
+            await trio.lowlevel.checkpoint()
+            if listener.accept_proxy_protocol:
+                header = await receive_proxy_header(
+                    session.client,
+                    listener.proxy_protocol_timeout,
+                    listener.proxy_protocol_max_header,
+                )
+                if not header.local and header.source is not None:
+                    source, destination = header.source, header.destination
+                    session.client_address = format_endpoint(source)
+            hello = await peek_client_hello(
+                session.client, listener.tls_inspect_timeout, listener.tls_max_client_hello
+            )
+            session.sni = hello.server_name
+            session.alpn = hello.alpn
+            chosen = routing.choose(hello.server_name, hello.alpn)
+            if chosen is None:
+                outcome = Outcome.NO_ROUTE
+            else:
+                await take_slot(chosen)
+                # No checkpoint from here to the move: the slot is the chosen route's.
+                table.move(session, chosen)
+                target = chosen
+    except ProxyHeaderRejected as error:
+        _log_refused("bad PROXY header", listener.name, session, str(error))
+        outcome = Outcome.BAD_PROXY_HEADER
+    except InspectFailed as failure:
+        _log_refused("no valid TLS ClientHello", listener.name, session, str(failure))
+        acceptor.stats.inspect_failures[failure.reason.value] += 1
+        outcome = Outcome.TLS_INSPECT_FAILED
+    except OSError:
+        outcome = Outcome.CLIENT_RESET  # reset (or failed) while we waited for it
+    except Exception:
+        # A bug, not a peer's doing: log it loudly but keep serving everyone else.
+        log.exception("session failed unexpectedly")
+        outcome = Outcome.INTERNAL_ERROR
+    if outcome is None and (target is None or session.closing_outcome is not None):
+        outcome = session.closing_outcome or Outcome.SHUTDOWN  # stopped from outside
+    if outcome is not None:
+        table.finish(session, outcome)
+        return
+    assert target is not None
+    session.cancel_scope = None
+    route = target.route
+    check_rules = True
+    if route.accept_proxy_protocol:
+        # As on a route of its own (connection_setup.py), but only now that the route
+        # is known: the peer is checked unless only the claimed address counts, and the
+        # claimed address unless only the peer counts.
+        if route.allow_applies_to != "proxy" and not passes_rules(route, peer):
+            table.finish(session, Outcome.DENIED)
+            return
+        check_rules = route.allow_applies_to != "peer"
+    set_up(target, session, source, destination, check_rules)
+
+
+def _log_refused(message: str, listener: str, session: Session, error: str) -> None:
+    log.info(
+        message,
+        extra={"fields": {"listener": listener, "client": session.client_address, "error": error}},
+    )
