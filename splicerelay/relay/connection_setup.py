@@ -8,6 +8,10 @@ address the header names, unless `allow_applies_to: peer`) and per-source limit,
 the upstreams to try, connect through a `Connector` on the shared reactor, send a PROXY
 header upstream if asked, and hand both sockets to the session.
 
+On a listener that routes by TLS ClientHello, the listener's acceptor took the
+connection, and one task reads the header, peeks at the hello and hands the connection
+to the route it chooses (tls_setup.py) before the steps above.
+
 Why the peer is checked before the header: the header is the peer's own claim, so the
 only thing known for sure is who sent it (as with HAProxy's `expect-proxy layer4 if
 { src -f trusted }` and nginx's `set_real_ip_from`). A peer that may not send one is
