@@ -87,7 +87,11 @@ async def inspect_and_route(
         _log_refused("bad PROXY header", listener.name, session, str(error))
         outcome = Outcome.BAD_PROXY_HEADER
     except InspectFailed as failure:
-        _log_refused("no valid TLS ClientHello", listener.name, session, str(failure))
+        # At debug: clients choose to fail (scanners, TCP health probes that connect and
+        # close), and the access line and connections_total say so with the reason.
+        _log_refused(
+            "no valid TLS ClientHello", listener.name, session, str(failure), logging.DEBUG
+        )
         acceptor.stats.inspect_failures[failure.reason.value] += 1
         outcome = Outcome.TLS_INSPECT_FAILED
     except OSError:
@@ -116,8 +120,11 @@ async def inspect_and_route(
     set_up(target, session, source, destination, check_rules)
 
 
-def _log_refused(message: str, listener: str, session: Session, error: str) -> None:
-    log.info(
+def _log_refused(
+    message: str, listener: str, session: Session, error: str, level: int = logging.INFO
+) -> None:
+    log.log(
+        level,
         message,
         extra={"fields": {"listener": listener, "client": session.client_address, "error": error}},
     )

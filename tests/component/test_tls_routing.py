@@ -135,6 +135,7 @@ async def test_no_fallback_closes_and_counts_no_route_on_the_listener() -> None:
         (b"\x80\x2e\x01\x00\x02" + bytes(44), False, "not_tls"),  # an SSLv2-style hello
         (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", False, "malformed"),  # a ServerHello
         (None, True, "truncated"),  # half a hello, then the client's FIN
+        (b"", True, "truncated"),  # a FIN before any byte (a TCP probe)
         (None, False, "timeout"),  # half a hello, then nothing
     ],
 )
