@@ -33,6 +33,7 @@ from splicerelay.protocol.control import (
     CommandError,
     Reload,
     Reply,
+    ShowInfo,
     encode_reply,
     parse_command,
 )
@@ -277,11 +278,51 @@ def print_error_reply(command: Command | None, reply: Reply) -> None:
 
 
 def command_reload(args: argparse.Namespace) -> int:
-    """Check the file as `check` does; if valid, reload the relay and say how it went.
+    """Check the file the relay re-reads as `check` does; if valid, reload the relay and
+    say how it went.
 
-    Quiet on success but for one line: it runs as systemd's ExecReload=, whose output
-    goes to the journal."""
-    config_path = args.config or DEFAULT_CONFIG_PATH
+    Why ask the relay first: it re-reads the file it was started with, whatever file
+    this command is given, so checking another one would vouch for a config that is not
+    the one loaded. `-c FILE` must be that file (it is refused otherwise, before the
+    relay is asked to reload); without it, the relay's own file is checked. Quiet on
+    success but for one line: it runs as systemd's ExecReload=, whose output goes to the
+    journal."""
+    if args.config:
+        config = checked_config(args.config)
+        if config is None:
+            return EXIT_REFUSED
+        setting = config.control.socket
+    try:
+        path = find_control_socket(args) if not args.config else control_socket_of(args, setting)
+        running = running_config_path(path)
+        if running is None:
+            print(
+                "reload not attempted: the relay runs without a config file (--listen);"
+                " restart it to change its routes",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if args.config and os.path.realpath(args.config) != os.path.realpath(running):
+            print(
+                f"reload not attempted: the relay re-reads {running}, not {args.config};"
+                f" check and reload that file (-c {running})",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if not args.config and checked_config(running) is None:
+            return EXIT_REFUSED
+        reply = send_command(path, Reload(), RELOAD_TIMEOUT)
+    except ControlClientError as error:
+        return print_unreachable("reload", error)
+    out, err = render_reload(reply.data, reply.ok, reply.error)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return 0 if reply.ok else EXIT_REFUSED
+
+
+def checked_config(config_path: str) -> Config | None:
+    """The config in `config_path` with its warnings printed, or None (its errors
+    printed) when it is invalid and no reload may be attempted."""
     try:
         config, _ = read_config(config_path)
     except ConfigError as error:
@@ -290,18 +331,21 @@ def command_reload(args: argparse.Namespace) -> int:
             "reload not attempted: the config is invalid; the running config stays",
             file=sys.stderr,
         )
-        return EXIT_REFUSED
+        return None
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
-    try:
-        path = control_socket_of(args, config.control.socket)
-        reply = send_command(path, Reload(), RELOAD_TIMEOUT)
-    except ControlClientError as error:
-        return print_unreachable("reload", error)
-    out, err = render_reload(reply.data, reply.ok, reply.error)
-    sys.stdout.write(out)
-    sys.stderr.write(err)
-    return 0 if reply.ok else EXIT_REFUSED
+    return config
+
+
+def running_config_path(socket_path: str) -> str | None:
+    """The file the relay behind `socket_path` re-reads on reload (`show info`), or None
+    when it runs from flags. Raises ControlClientError when it cannot be asked."""
+    reply = send_command(socket_path, ShowInfo(), DEFAULT_TIMEOUT)
+    info = reply.data if reply.ok and isinstance(reply.data, dict) else None
+    if info is None:
+        raise ControlClientError(f"the relay did not say which file it runs: {reply.error}")
+    path = info.get("config_path")
+    return path if isinstance(path, str) else None
 
 
 def load_run_config(

@@ -5,9 +5,8 @@ The relay re-reads the file it was started with (`show info` names it as `config
 relay then loads, yet `reload` prints "the new config is live". And `reload -s SOCKET`
 without `-c` checks /etc/splicerelay/relay.yaml, whatever file the relay runs.
 
-Expected to fail until `reload` asks the relay for its `config_path` first (cli.py's
-command_reload): with `-c`, a different file is refused before the relay is asked;
-without it, the relay's own file is the one checked.
+So `reload` asks the relay for its `config_path` first: with `-c`, a different file is
+refused before the relay is asked to reload; without it, the relay's own file is checked.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from tests.support.ctl import reload_count, splicerelay
 from tests.support.harness import RelayFactory, free_port, relay_config
 from tests.support.peers import echo, round_trip, start_server
 
-NOT_YET = "reload checks -c FILE (or the default file), not the file the relay re-reads"
-
 SECOND_ROUTE = (
     "  - name: second\n"
     "    listen: 127.0.0.1:{listen}\n"
@@ -33,7 +30,6 @@ SECOND_ROUTE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 async def test_reload_of_a_file_the_relay_does_not_run_is_refused_before_asking_it(
     relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
@@ -57,7 +53,6 @@ async def test_reload_of_a_file_the_relay_does_not_run_is_refused_before_asking_
 @pytest.mark.skipif(
     os.path.exists(DEFAULT_CONFIG_PATH), reason=f"{DEFAULT_CONFIG_PATH} exists on this machine"
 )
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 async def test_reload_without_a_file_checks_the_one_the_relay_runs(
     relay_factory: RelayFactory, runtime_directory: Path
 ) -> None:
