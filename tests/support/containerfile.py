@@ -1,12 +1,13 @@
 """A Containerfile read as its instructions, for tests that check what an image does.
 
 Only as much of the format as the shipped file uses: comment lines, lines continued with
-a backslash, and exec-form (JSON array) arguments.
+a backslash, exec-form (JSON array) arguments, and ENV in its KEY=VALUE form.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 
 
@@ -27,6 +28,34 @@ class Instruction:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return value
         return None
+
+    def assignments(self) -> dict[str, str]:
+        """ENV's (or ARG's) KEY=VALUE pairs, quotes removed; ValueError for the older
+        `ENV KEY VALUE` form, which this reader does not take."""
+        pairs: dict[str, str] = {}
+        for word in shlex.split(self.arguments):
+            key, equals, value = word.partition("=")
+            if not equals:
+                raise ValueError(f"line {self.line}: {word!r} is not KEY=VALUE")
+            pairs[key] = value
+        return pairs
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    """The instructions from the last FROM on: the ones that make the image."""
+    starts = [index for index, i in enumerate(instructions) if i.keyword == "FROM"]
+    return instructions[starts[-1] :] if starts else instructions
+
+
+def environment(instructions: list[Instruction]) -> dict[str, str]:
+    """The variables the final image's ENV instructions set (later ones win).
+
+    Values are taken as written: a `$PATH` in one stays `$PATH`."""
+    found: dict[str, str] = {}
+    for instruction in final_stage(instructions):
+        if instruction.keyword == "ENV":
+            found.update(instruction.assignments())
+    return found
 
 
 def parse(text: str) -> list[Instruction]:

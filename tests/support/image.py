@@ -8,8 +8,10 @@ deploy/container/build.sh, as an operator would, and removed when the tests end.
 
 Containers run the way deployment.yaml runs the pod: read-only root file system without
 the tmpfs mounts podman would add (Kubernetes adds none), no capabilities, no privilege
-escalation, the image's own user, and the config directory mounted read-only. They share
-the host's network, so the relay listens on 127.0.0.1 ports picked by the test.
+escalation, the image's own user, the config directory mounted read-only, and a writable
+directory where the pod mounts an emptyDir (`ScratchMount`, with the kubelet's owner and
+mode). They
+share the host's network, so the relay listens on 127.0.0.1 ports picked by the test.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,32 @@ LOCKED_DOWN = [
     "--cap-drop=ALL",
     "--security-opt=no-new-privileges",
 ]
+
+
+@dataclass(frozen=True)
+class ScratchMount:
+    """An empty, writable directory in a container, as a pod's emptyDir volume is: a
+    directory made on the host, root-owned with the kubelet's mode, bind-mounted.
+
+    Why not a podman tmpfs mount: runc gives a tmpfs mounted over a directory that the
+    image has the mode of that directory (0700 for the image's runtime directory), not
+    its owner (root's), so the image's user could not write there; a kubelet's emptyDir
+    is a bind mount of its own directory, mode 0777 (1777 for `medium: Memory`, a
+    tmpfs), whatever the image has at the mount point."""
+
+    path: str  # in the container
+    source: Path  # on the host
+
+    @classmethod
+    def make(cls, path: str, mode: int, under: Path) -> ScratchMount:
+        """A new directory for `path` in `under`, root-owned with `mode`."""
+        source = under / path.strip("/").replace("/", "-")
+        source.mkdir(parents=True)
+        source.chmod(mode)  # mkdir's mode passes through the umask; chmod's does not
+        return cls(path, source)
+
+    def option(self) -> str:
+        return f"--volume={self.source}:{self.path}"
 
 
 @dataclass(frozen=True)
@@ -162,10 +190,15 @@ def is_ready(metrics_port: int) -> bool:
 
 
 def run_once(
-    podman: Podman, image: str, *arguments: str, entrypoint: str | None = None
+    podman: Podman,
+    image: str,
+    *arguments: str,
+    entrypoint: str | None = None,
+    scratch: Sequence[ScratchMount] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run a container of `image` to its end, locked down as the pod; its result."""
     options = [f"--entrypoint={entrypoint}"] if entrypoint else []
+    options += [mount.option() for mount in scratch]
     return podman.run(
         "run",
         "--rm",
@@ -195,6 +228,11 @@ class RunningContainer:
         result = self.podman.run("logs", self.name, check=False)
         return result.stdout + result.stderr
 
+    def exec(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        """`podman exec` in the running container: the image's user and environment, as
+        `kubectl exec` has them in the pod."""
+        return self.podman.run("exec", self.name, *arguments, check=False)
+
     def wait_ready(self, metrics_port: int) -> None:
         """Wait for /readyz to answer 200; fail at once, with the logs, if it exits."""
 
@@ -209,8 +247,15 @@ class RunningContainer:
 
 
 @contextlib.contextmanager
-def running(podman: Podman, image: str, name: str, config_dir: Path) -> Iterator[RunningContainer]:
-    """A container of `image` with `config_dir` at /etc/splicerelay; removed afterwards."""
+def running(
+    podman: Podman,
+    image: str,
+    name: str,
+    config_dir: Path,
+    scratch: Sequence[ScratchMount] = (),
+) -> Iterator[RunningContainer]:
+    """A container of `image` with `config_dir` at /etc/splicerelay and the `scratch`
+    mounts; removed afterwards."""
     # The config must be readable by the image's user, as a ConfigMap's files are (0644).
     config_dir.chmod(0o755)
     for path in config_dir.iterdir():
@@ -223,6 +268,7 @@ def running(podman: Podman, image: str, name: str, config_dir: Path) -> Iterator
         *LIMITS,
         *LOCKED_DOWN,
         f"--volume={config_dir}:/etc/splicerelay:ro",
+        *(mount.option() for mount in scratch),
         image,
     )
     try:
