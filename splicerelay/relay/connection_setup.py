@@ -49,7 +49,7 @@ from splicerelay.relay.routes import (
     passes_rules,
 )
 from splicerelay.relay.sessions import SessionTable
-from splicerelay.relay.tls_setup import inspect_and_route
+from splicerelay.relay.tls_setup import inspect_and_route, route_at_once
 from splicerelay.relay.upstreams import UpstreamRuntime
 
 log = logging.getLogger("splicerelay")
@@ -97,6 +97,14 @@ class ConnectionSetup:
             # A listener that routes by ClientHello: the route's rules apply once the
             # hello has chosen it (tls_setup.py).
             session.alpn = ()  # (its access lines carry the hello's fields)
+            try:
+                if route_at_once(self.table, runtime, session, endpoint, self._set_up):
+                    return
+            except Exception:
+                # A bug, not a peer's doing: the accept loop that called must go on.
+                log.exception("session failed unexpectedly")
+                self.table.finish(session, Outcome.INTERNAL_ERROR)
+                return
             self._start_task(
                 session, inspect_and_route, self.table, runtime, session, endpoint, self._set_up
             )

@@ -50,6 +50,24 @@ class InspectFailed(Exception):
         self.reason = reason
 
 
+def peek_at_once(sock: _socket.socket, max_size: int) -> ClientHello | None:
+    """The ClientHello if it is all in the socket already (left unread), else None:
+    one look, without waiting. Raises InspectFailed when the bytes there already show
+    there will be no valid hello, OSError when the connection failed."""
+    try:
+        data = sock.recv(max_size, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    if not data:
+        raise InspectFailed(InspectFailure.TRUNCATED, "the client closed before sending a byte")
+    result = parse_client_hello(data, max_size)
+    if isinstance(result, ClientHello):
+        return result
+    if isinstance(result, NeedMore):
+        return None
+    raise _failure(result)
+
+
 async def peek_client_hello(sock: _socket.socket, timeout: float, max_size: int) -> ClientHello:
     """The ClientHello at the head of `sock`'s stream, left unread in the socket.
 

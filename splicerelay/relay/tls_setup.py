@@ -20,7 +20,7 @@ from splicerelay.protocol.outcome import Outcome
 from splicerelay.relay.proxy_header import ProxyHeaderRejected, receive_proxy_header
 from splicerelay.relay.routes import Endpoint, RouteRuntime, format_endpoint, passes_rules
 from splicerelay.relay.sessions import SessionTable
-from splicerelay.relay.tls_peek import InspectFailed, peek_client_hello
+from splicerelay.relay.tls_peek import InspectFailed, peek_at_once, peek_client_hello
 
 log = logging.getLogger("splicerelay")
 
@@ -41,6 +41,47 @@ async def take_slot(runtime: RouteRuntime) -> None:
         await slots.acquire()
     finally:
         runtime.stats.limited_seconds += trio.current_time() - started
+
+
+def route_at_once(
+    table: SessionTable,
+    acceptor: RouteRuntime,
+    session: Session,
+    peer: Endpoint | None,
+    set_up: SetUp,
+) -> bool:
+    """Route `session` now, without a task, when its whole ClientHello is in already
+    and its route has a free slot (the common case: a client sends its hello with the
+    handshake's last ACK, often before the relay accepts). True when it was routed or
+    finished here; False when it must wait in inspect_and_route."""
+    listener = acceptor.route
+    routing = acceptor.tls
+    assert routing is not None
+    if listener.accept_proxy_protocol:
+        return False  # the header comes first, read in the task
+    try:
+        hello = peek_at_once(session.client, listener.tls_max_client_hello)
+    except InspectFailed as failure:
+        _inspect_failed(table, acceptor, session, failure)
+        return True
+    except OSError:
+        table.finish(session, Outcome.CLIENT_RESET)
+        return True
+    if hello is None:
+        return False
+    session.sni = hello.server_name
+    session.alpn = hello.alpn
+    chosen = routing.choose(hello.server_name, hello.alpn)
+    if chosen is None:
+        table.finish(session, Outcome.NO_ROUTE)
+        return True
+    try:
+        chosen.slots.acquire_nowait()
+    except trio.WouldBlock:
+        return False  # the task waits for a slot (and looks at the hello again)
+    table.move(session, chosen)
+    hand_over(table, chosen, session, peer, peer, None, set_up)
+    return True
 
 
 async def inspect_and_route(
@@ -87,13 +128,8 @@ async def inspect_and_route(
         _log_refused("bad PROXY header", listener.name, session, str(error))
         outcome = Outcome.BAD_PROXY_HEADER
     except InspectFailed as failure:
-        # At debug: clients choose to fail (scanners, TCP health probes that connect and
-        # close), and the access line and connections_total say so with the reason.
-        _log_refused(
-            "no valid TLS ClientHello", listener.name, session, str(failure), logging.DEBUG
-        )
-        acceptor.stats.inspect_failures[failure.reason.value] += 1
-        outcome = Outcome.TLS_INSPECT_FAILED
+        _inspect_failed(table, acceptor, session, failure)
+        return
     except OSError:
         outcome = Outcome.CLIENT_RESET  # reset (or failed) while we waited for it
     except Exception:
@@ -107,6 +143,19 @@ async def inspect_and_route(
         return
     assert target is not None
     session.cancel_scope = None
+    hand_over(table, target, session, peer, source, destination, set_up)
+
+
+def hand_over(
+    table: SessionTable,
+    target: RouteRuntime,
+    session: Session,
+    peer: Endpoint | None,
+    source: Endpoint | None,
+    destination: Endpoint | None,
+    set_up: SetUp,
+) -> None:
+    """`session` is `target`'s now: set it up under the route's rules."""
     route = target.route
     check_rules = True
     if route.accept_proxy_protocol:
@@ -118,6 +167,18 @@ async def inspect_and_route(
             return
         check_rules = route.allow_applies_to != "peer"
     set_up(target, session, source, destination, check_rules)
+
+
+def _inspect_failed(
+    table: SessionTable, acceptor: RouteRuntime, session: Session, failure: InspectFailed
+) -> None:
+    # At debug: clients choose to fail (scanners, TCP health probes that connect and
+    # close), and the access line and connections_total say so with the reason.
+    _log_refused(
+        "no valid TLS ClientHello", acceptor.route.name, session, str(failure), logging.DEBUG
+    )
+    acceptor.stats.inspect_failures[failure.reason.value] += 1
+    table.finish(session, Outcome.TLS_INSPECT_FAILED)
 
 
 def _log_refused(

@@ -292,3 +292,26 @@ async def test_a_route_at_its_limit_holds_the_next_connection_until_a_slot_frees
             assert backends[0].accepted == 2
         nursery.cancel_scope.cancel()
     assert relay.stats.routes["app"].limited_seconds > 0.1
+
+
+async def test_a_hello_already_in_is_routed_without_a_task() -> None:
+    """The common case (the hello arrives with the handshake's last ACK) costs no task:
+    the acceptor looks once and hands the connection over at once. trio never waits
+    on such a client socket, which `tracked` records."""
+    async with trio.open_nursery() as nursery:
+        backends = [await Backend().start(nursery) for _ in range(3)]
+        port = free_port()
+        relay, _outcomes = build_relay(shared_config(port, *backends))
+        hello = client_hello("app.example.com")
+        # Sent before the relay serves: the whole hello waits with the connection.
+        client = await open_client(port)
+        await client.send_all(hello)
+        async with serving(relay):
+            received = b""
+            while len(received) < len(hello):
+                received += await receive(client)
+            [session] = relay.table.sessions
+            tracked = session.tracked
+        nursery.cancel_scope.cancel()
+    assert received == hello
+    assert not tracked
