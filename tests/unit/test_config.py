@@ -1176,9 +1176,7 @@ def test_example_config_with_every_commented_out_key_in_use() -> None:
             allow=(network("127.0.0.0/8"), network("::1/128")),
             proxy_protocol_trusted=(network("10.0.0.5/32"), network("fd00::5/128")),
             defer_accept=True,
-            match=RouteMatch(
-                sni=("app.example.com", "*.app.example.com"), alpn=("h2", "http/1.1")
-            ),
+            match=RouteMatch(sni=("app.example.com", "*.app.example.com"), alpn=("h2", "http/1.1")),
         ),
     )
 
