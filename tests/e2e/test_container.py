@@ -185,6 +185,23 @@ def test_image_gives_the_control_socket_a_runtime_directory_the_pod_can_write(
     assert place is not None and place.path == f"{runtime}/{SOCKET_NAME}"
 
 
+def test_deploy_readme_drains_in_each_pod_an_upstream_the_configmap_has(
+    tmp_path: Path,
+) -> None:
+    readme = (ROOT / "deploy/README.md").read_text()
+    assert f"`{RUNTIME_DIRECTORY}/{SOCKET_NAME}`" in readme
+    config_file = tmp_path / "relay.yaml"
+    config_file.write_text(yaml.safe_load(CONFIGMAP.read_text())["data"]["relay.yaml"])
+    routes = {route.name: route for route in load_config(str(config_file)).routes}
+    commands = re.findall(
+        r"kubectl exec \S+ -- splicerelay ctl set upstream (\S+) (\S+) state (\S+)", readme
+    )
+    assert {state for _, _, state in commands} == {"drain", "ready"}, commands
+    for route, address, _ in commands:
+        assert route in routes, route
+        assert address in {str(u.address) for u in routes[route].upstreams}, address
+
+
 def hadolint() -> str:
     found = shutil.which("hadolint") or shutil.which("hadolint", path=Path(sys.executable).parent)
     if found is None:
