@@ -10,9 +10,11 @@ its pid; a missing program skips the test with the Debian package it comes in.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,6 +28,7 @@ from tests.support.real_peers import require
 
 COMMAND_TIMEOUT = 20.0  # every client command; a hung one fails instead of stalling
 REQUEST = b"GET /whoami HTTP/1.0\r\n\r\n"
+SINK_TIMEOUT = 120.0  # a bound on every wait of a bulk transfer
 
 
 def require_openssl() -> str:
@@ -231,10 +234,19 @@ class SinkResult:
     digest: str = ""
 
 
+LENGTH = struct.Struct("!Q")
+
+
 @contextmanager
 def python_tls_sink(cert: Cert) -> Iterator[tuple[int, list[SinkResult]]]:
-    """A Python ssl server on a free port: for each connection, read to EOF, hash it,
-    send the hex digest back and close. Yields the port and the results so far."""
+    """A Python ssl server on a free port: on each connection it reads an 8-byte length,
+    then that many bytes, hashing them, sends the hex sha256 back and closes. Yields the
+    port and the results so far.
+
+    Why a length first: TLS has no half-close that both ends handle alike (a
+    close_notify, then data back, trips Python's unwrap), so the sender says how much
+    comes instead of closing its side.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert.cert, cert.key)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -245,18 +257,21 @@ def python_tls_sink(cert: Cert) -> Iterator[tuple[int, list[SinkResult]]]:
     def serve_one(raw: socket.socket) -> None:
         result = SinkResult()
         digest = hashlib.sha256()
-        raw.settimeout(120)
+        raw.settimeout(SINK_TIMEOUT)
         with context.wrap_socket(raw, server_side=True) as tls:
+            head = b""
+            while len(head) < LENGTH.size and (chunk := tls.recv(LENGTH.size - len(head))):
+                head += chunk
+            (left,) = LENGTH.unpack(head)
             buffer = bytearray(1 << 20)
             view = memoryview(buffer)
-            while count := tls.recv_into(buffer):
+            while left and (count := tls.recv_into(buffer, min(left, len(buffer)))):
                 digest.update(view[:count])
                 result.count += count
+                left -= count
             result.digest = digest.hexdigest()
             results.append(result)
             tls.sendall(result.digest.encode())
-            with suppress(OSError):
-                tls.unwrap()
 
     def accept_loop() -> None:
         while not stop.is_set():
@@ -274,3 +289,36 @@ def python_tls_sink(cert: Cert) -> Iterator[tuple[int, list[SinkResult]]]:
         stop.set()
         thread.join(timeout=5)
         listener.close()
+
+
+def send_to_sink(
+    port: int, server_name: str, total: int, seed: int = 15
+) -> tuple[bytes, SinkResult, str]:
+    """Send `total` pseudo-random bytes over TLS to a `python_tls_sink` (through a relay
+    at `port`); return the certificate seen, what was sent, and the digest it answered."""
+    rng = random.Random(seed)
+    block = rng.randbytes(4 << 20)
+    sent = SinkResult()
+    digest = hashlib.sha256()
+    context = client_context()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=SINK_TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        tls.sendall(LENGTH.pack(total))
+        view = memoryview(block)
+        while sent.count < total:
+            # Slices of varied size and offset, so that no boundary lines up by luck.
+            size = min(total - sent.count, rng.randint(1, 1 << 20))
+            start = rng.randrange(0, len(block) - size + 1)
+            piece = view[start : start + size]
+            digest.update(piece)
+            tls.sendall(piece)
+            sent.count += size
+        answer = b""
+        while len(answer) < 64 and (chunk := tls.recv(64 - len(answer))):
+            answer += chunk
+    sent.digest = digest.hexdigest()
+    return der, sent, answer.decode()
