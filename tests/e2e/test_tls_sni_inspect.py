@@ -401,6 +401,37 @@ def test_a_client_that_stalls_is_closed_at_tls_inspect_timeout(
     assert_clean(setup)
 
 
+def test_500_clients_stalled_halfway_through_their_hello_do_not_delay_a_valid_one(
+    relay_factory: RelayFactory, upstreams: tuple[TaggedEcho, TaggedEcho]
+) -> None:
+    """Each stalled client waits in a peek of its own: none holds up the accept loop or
+    another client's hello."""
+    setup = start(relay_factory, upstreams)
+    hello = good_hello("a.test")
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            sock = connect(setup.port)
+            stalled.append(sock)
+            sock.sendall(hello[: len(hello) // 2])
+        poll_until(
+            lambda: setup.relay.metrics().get("splicerelay_connections_active") >= 500,
+            WAIT,
+            "the relay to hold the 500 stalled clients",
+        )
+        started = time.monotonic()
+        assert_still_serving(setup)
+        took = time.monotonic() - started
+        # A valid client's hello is read at once: well under any inspect wait.
+        assert took < 1.0, f"a valid client took {took:.2f}s behind 500 stalled ones"
+    finally:
+        for sock in stalled:
+            sock.close()
+    setup.wait_failure("truncated", 500)
+    assert (setup.a.accepted, setup.b.accepted) == (0, 1)
+    assert_clean(setup)
+
+
 def test_every_reason_is_exported_from_zero(
     relay_factory: RelayFactory, upstreams: tuple[TaggedEcho, TaggedEcho]
 ) -> None:

@@ -424,6 +424,22 @@ def test_a_reset_mid_hello_costs_the_next_client_nothing(
     with socket.create_connection(("127.0.0.1", listeners.shared), timeout=WAIT) as raw:
         raw.sendall(hello[: len(hello) // 2])
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # Counted under the listener, as its hello never came whole: truncated when the
+    # relay saw the bytes and the end, client_reset when the reset came first.
+    poll_until(
+        lambda: (
+            relay.metrics().get(
+                "splicerelay_connections_total", route=f"127.0.0.1:{listeners.shared}"
+            )
+            == 1
+        ),
+        WAIT,
+        "the reset to be counted under the listener",
+    )
+    (entry,) = access_entries(relay, 1)
+    assert entry["outcome"] in ("tls_inspect_failed", "client_reset")
     answer = curl_get(listeners.shared, "a.test")
     assert (answer.subject, answer.body) == (backends.a.cert.name, backends.a.body)
+    wait_lines(relay, 2)
+    assert completed(relay, "app-a") == 1
     assert "Traceback" not in relay.stderr()
