@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import os
 import select
 import socket
 
@@ -123,7 +124,13 @@ async def _peer_finished(sock: _socket.socket) -> bool:
     """
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLRDHUP)
-    if poller.poll(0):
+    for _fd, events in poller.poll(0):
+        if events & select.POLLERR:
+            # A reset: the peek still shows the bytes queued before it, so the error
+            # is only in SO_ERROR (reading it clears it).
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
         return True
     await trio.sleep(NO_PROGRESS_PAUSE_SECONDS)
     return False

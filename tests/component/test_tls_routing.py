@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 
 import pytest
 import trio
@@ -315,3 +316,23 @@ async def test_a_hello_already_in_is_routed_without_a_task() -> None:
         nursery.cancel_scope.cancel()
     assert received == hello
     assert not tracked
+
+
+async def test_a_reset_in_the_middle_of_a_hello_is_a_client_reset() -> None:
+    """The peek still sees the bytes queued before the reset: the reset itself must be
+    told from a FIN (truncated) by the socket's pending error."""
+    async with trio.open_nursery() as nursery:
+        backends = [await Backend().start(nursery) for _ in range(3)]
+        port = free_port()
+        relay, outcomes = build_relay(shared_config(port, *backends))
+        async with serving(relay):
+            client = await open_client(port)
+            await client.send_all(client_hello("app.example.com")[:40])
+            await trio.sleep(0.1)  # the relay waits for the rest
+            # SO_LINGER with a zero timeout: close() sends a reset.
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.socket.close()
+            [finished] = await outcomes.wait_for(1, within=5)
+        nursery.cancel_scope.cancel()
+    assert finished.outcome == "client_reset"
+    assert not relay.stats.routes[f"{LISTENER_HOST}:{port}"].inspect_failures
