@@ -17,6 +17,7 @@ import trio
 
 from splicerelay.datapath.session import Session
 from splicerelay.protocol.outcome import Outcome
+from splicerelay.relay.admission import acquire_timed
 from splicerelay.relay.proxy_header import ProxyHeaderRejected, receive_proxy_header
 from splicerelay.relay.routes import Endpoint, RouteRuntime, format_endpoint, passes_rules
 from splicerelay.relay.sessions import SessionTable
@@ -26,21 +27,6 @@ log = logging.getLogger("splicerelay")
 
 # (route, session, source, destination, check_rules): ConnectionSetup._set_up
 SetUp = Callable[[RouteRuntime, Session, Endpoint | None, Endpoint | None, bool], None]
-
-
-async def take_slot(runtime: RouteRuntime) -> None:
-    """One of the route's connection slots; time spent waiting is time at its limit."""
-    slots = runtime.slots
-    try:
-        slots.acquire_nowait()
-        return
-    except trio.WouldBlock:
-        pass
-    started = trio.current_time()
-    try:
-        await slots.acquire()
-    finally:
-        runtime.stats.limited_seconds += trio.current_time() - started
 
 
 def route_at_once(
@@ -120,7 +106,7 @@ async def inspect_and_route(
             if chosen is None:
                 outcome = Outcome.NO_ROUTE
             else:
-                await take_slot(chosen)
+                chosen.stats.limited_seconds += await acquire_timed(chosen.slots)
                 # No checkpoint from here to the move: the slot is the chosen route's.
                 table.move(session, chosen)
                 target = chosen

@@ -8,7 +8,6 @@ and relayed, not consumed by the peek.
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 
 import pytest
@@ -27,22 +26,14 @@ from tests.support.fakes import (
     route_config,
     serving,
 )
+from tests.support.tls_hello_builder import python_client_hello
 
 LISTENER_HOST = "127.0.0.1"
 
 
 def client_hello(server_name: str | None, alpn: tuple[str, ...] = ()) -> bytes:
     """The ClientHello Python's ssl sends for `server_name` (None: no SNI)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+    return python_client_hello(server_hostname=server_name, alpn_protocols=alpn)
 
 
 def shared_config(
@@ -65,17 +56,22 @@ def shared_config(
     return route_config(*routes)
 
 
-async def echoed(port: int, hello: bytes) -> bytes:
-    """Send `hello` and read back as many bytes, or what came before the end."""
-    client = await open_client(port)
-    await client.send_all(hello)
+async def receive_exactly(client: trio.SocketStream, count: int) -> bytes:
+    """`count` bytes from `client` (fewer only if it ends first)."""
     received = b""
-    while len(received) < len(hello):
+    while len(received) < count:
         data = await receive(client)
         if not data:
             break
         received += data
     return received
+
+
+async def echoed(port: int, hello: bytes) -> bytes:
+    """Send `hello` and read back as many bytes, or what came before the end."""
+    client = await open_client(port)
+    await client.send_all(hello)
+    return await receive_exactly(client, len(hello))
 
 
 @pytest.mark.parametrize(
@@ -212,9 +208,7 @@ async def test_a_trickled_hello_wakes_the_relay_only_as_the_parser_asks(
             for index in range(len(hello)):
                 await client.send_all(hello[index : index + 1])
                 await trio.sleep(0.001)
-            received = b""
-            while len(received) < len(hello):
-                received += await receive(client)
+            received = await receive_exactly(client, len(hello))
         nursery.cancel_scope.cancel()
     assert received == hello
     assert backends[0].accepted == 1
@@ -234,9 +228,7 @@ async def test_the_data_path_gets_its_socket_back_with_rcvlowat_at_one() -> None
             await client.send_all(hello[:10])
             await trio.sleep(0.05)
             await client.send_all(hello[10:])
-            received = b""
-            while len(received) < len(hello):
-                received += await receive(client)
+            assert await receive_exactly(client, len(hello)) == hello
             [session] = relay.table.sessions
             low_water = session.client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
             # And a one-byte message still goes through at once.
@@ -257,9 +249,7 @@ async def test_a_proxy_header_is_read_first_then_the_hello_is_peeked() -> None:
         async with serving(relay):
             client = await open_client(port)
             await client.send_all(header + hello)
-            received = b""
-            while len(received) < len(hello):
-                received += await receive(client)
+            received = await receive_exactly(client, len(hello))
             await client.aclose()
             [finished] = await outcomes.wait_for(1)
         nursery.cancel_scope.cancel()
@@ -287,9 +277,8 @@ async def test_a_route_at_its_limit_holds_the_next_connection_until_a_slot_frees
             assert backends[0].accepted == 1  # the second waits for app's one slot
             assert relay.stats.routes["app"].active == 1
             await first.aclose()
-            received = b""
-            while len(received) < len(hello):
-                received += await receive(second)
+            received = await receive_exactly(second, len(hello))
+            assert received == hello
             assert backends[0].accepted == 2
         nursery.cancel_scope.cancel()
     assert relay.stats.routes["app"].limited_seconds > 0.1
@@ -308,9 +297,7 @@ async def test_a_hello_already_in_is_routed_without_a_task() -> None:
         client = await open_client(port)
         await client.send_all(hello)
         async with serving(relay):
-            received = b""
-            while len(received) < len(hello):
-                received += await receive(client)
+            received = await receive_exactly(client, len(hello))
             [session] = relay.table.sessions
             tracked = session.tracked
         nursery.cancel_scope.cancel()
