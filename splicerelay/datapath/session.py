@@ -240,6 +240,7 @@ class Session:
         "sni",
         "source_key",
         "started",
+        "tls_error",
         "tracked",
         "upstream",
         "upstream_interest",
@@ -291,6 +292,8 @@ class Session:
         # access log): `alpn` is () from the start there, and None elsewhere.
         self.sni: str | None = None
         self.alpn: tuple[str, ...] | None = None
+        # Why no valid hello came there (outcome tls_inspect_failed's reason), or None.
+        self.tls_error: str | None = None
 
     @property
     def bytes_in(self) -> int:

@@ -91,12 +91,14 @@ class AccessLineFormat:
         outcome: str,
         sni: str | None = None,
         alpn: tuple[str, ...] | None = None,
+        tls_error: str | None = None,
     ) -> str:
         """One finished connection's line. `upstream` is None when no upstream was tried.
 
         `alpn` is None except on a listener that routes by TLS ClientHello, whose lines
-        end with the hello's `sni` (null when it named none) and `alpn` (a list) after
-        the outcome; every other line is as it always was."""
+        end with the hello's `sni` (null when it named none), `alpn` (a list) and
+        `tls_error` (why no valid hello came: outcome tls_inspect_failed's reason, else
+        null) after the outcome; every other line is as it always was."""
         route_part = self._route_parts.get(route)
         if route_part is None:
             route_part = self._route_parts[route] = self._route_part(route)
@@ -104,7 +106,7 @@ class AccessLineFormat:
         if upstream_part is None:
             upstream_part = self._upstream_parts[upstream] = self._upstream_part(upstream)
         duration = round(duration_seconds, 6)
-        hello = "" if alpn is None else self._hello_part(sni, alpn)
+        hello = "" if alpn is None else self._hello_part(sni, alpn, tls_error)
         if self._json:
             return (
                 f'{self._priority}{{"time": "{timestamp}"{route_part}'
@@ -118,15 +120,19 @@ class AccessLineFormat:
             f"outcome={outcome}{hello}{self._suffix}"
         )
 
-    def _hello_part(self, sni: str | None, alpn: tuple[str, ...]) -> str:
+    def _hello_part(self, sni: str | None, alpn: tuple[str, ...], tls_error: str | None) -> str:
         """The ClientHello's fields, after the outcome, as the logging formatters wrote
         a str-or-None and a list (text: logfmt, the list as compact JSON). The client
         chose them, so they are escaped like any value."""
         if self._json:
             name = "null" if sni is None else json_string(sni)
             protocols = ", ".join(json_string(protocol) for protocol in alpn)
-            return f', "sni": {name}, "alpn": [{protocols}]'
-        return f" sni={quote(sni or '')} alpn={quote(value_text(list(alpn)))}"
+            error = "null" if tls_error is None else json_string(tls_error)
+            return f', "sni": {name}, "alpn": [{protocols}], "tls_error": {error}'
+        return (
+            f" sni={quote(sni or '')} alpn={quote(value_text(list(alpn)))}"
+            f" tls_error={quote(tls_error or '')}"
+        )
 
     def _route_part(self, route: str) -> str:
         """What follows the timestamp up to the client's value, for `route`."""

@@ -95,6 +95,7 @@ class AccessLog:
         outcome: str,
         sni: str | None = None,
         alpn: tuple[str, ...] | None = None,
+        tls_error: str | None = None,
     ) -> None:
         """One finished connection's line (see AccessLineFormat.line)."""
         buffer = self._buffer
@@ -116,6 +117,7 @@ class AccessLog:
                 outcome,
                 sni,
                 alpn,
+                tls_error,
             )
         )
 

@@ -142,6 +142,7 @@ def write_access_log(runtime: RouteRuntime, session: Session, outcome: Outcome) 
         outcome.value,
         session.sni,
         session.alpn,
+        session.tls_error,
     )
 
 

@@ -164,6 +164,7 @@ def _inspect_failed(
         "no valid TLS ClientHello", acceptor.route.name, session, str(failure), logging.DEBUG
     )
     acceptor.stats.inspect_failures[failure.reason.value] += 1
+    session.tls_error = failure.reason.value  # (for the access line)
     table.finish(session, Outcome.TLS_INSPECT_FAILED)
 
 

@@ -156,6 +156,7 @@ async def test_a_failed_inspection_is_closed_and_counted_by_reason(
         nursery.cancel_scope.cancel()
     listener = relay.stats.routes[f"{LISTENER_HOST}:{port}"]
     assert finished.outcome == "tls_inspect_failed"
+    assert finished.tls_error == reason  # (what its access line says)
     assert dict(listener.inspect_failures) == {reason: 1}
     if reason == "timeout":  # tls_inspect_timeout, 5 s by default
         assert finished.time - finished.started == pytest.approx(5, abs=0.1)

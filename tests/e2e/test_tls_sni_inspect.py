@@ -12,6 +12,7 @@ real TLS through an SNI route with `path="copy"` at 0.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -117,6 +118,11 @@ class Setup:
         poll_until(
             lambda: self.failures(reason) == count, WAIT, f"{count} tls_inspect_failed {reason}"
         )
+
+    def failed_lines(self) -> list[dict[str, object]]:
+        """The access lines of connections whose inspection failed."""
+        entries = [json.loads(line) for line in self.relay.stdout().splitlines() if line]
+        return [entry for entry in entries if entry.get("outcome") == "tls_inspect_failed"]
 
 
 @pytest.fixture
@@ -342,6 +348,10 @@ def test_bytes_that_are_no_valid_hello_are_closed_and_counted(
         sock.sendall(first_bytes)
         assert_closed_unrouted(setup, sock)
     setup.wait_failure(reason)
+    # Its access line says why, under the listener (written within 50 ms).
+    poll_until(lambda: setup.failed_lines(), WAIT, "the access line of the failed inspection")
+    [entry] = setup.failed_lines()
+    assert (entry["route"], entry["tls_error"], entry["sni"]) == (setup.listener, reason, None)
     assert_still_serving(setup)
     assert_clean(setup)
 

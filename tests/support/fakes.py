@@ -92,6 +92,7 @@ class Finished:
     outcome: str
     started: float
     client: str
+    tls_error: str | None = None  # on a listener that routes by TLS ClientHello
 
 
 class OutcomeLog:
@@ -109,6 +110,7 @@ class OutcomeLog:
                 outcome.value,
                 session.started,
                 session.client_address,
+                session.tls_error,
             )
         )
         self._changed.set()

@@ -62,6 +62,7 @@ def built_line(
         str(fields["outcome"]),
         None if fields.get("sni") is None else str(fields["sni"]),
         tuple(fields["alpn"]) if "alpn" in fields else None,  # type: ignore[call-overload]
+        None if fields.get("tls_error") is None else str(fields["tls_error"]),
     )
 
 
@@ -96,14 +97,19 @@ CASES = [
 ]
 
 
-def tls_fields_of(sni: str | None, alpn: list[str], **others: object) -> dict[str, object]:
+def tls_fields_of(
+    sni: str | None, alpn: list[str], tls_error: str | None = None, **others: object
+) -> dict[str, object]:
     """The fields of a line on a listener that routes by TLS ClientHello."""
-    return {**fields_of(**others), "sni": sni, "alpn": alpn}  # type: ignore[arg-type]
+    fields = fields_of(**others)  # type: ignore[arg-type]
+    return {**fields, "sni": sni, "alpn": alpn, "tls_error": tls_error}
 
 
 TLS_CASES = [
     tls_fields_of("app.example.com", ["h2", "http/1.1"]),
-    tls_fields_of(None, [], route="0.0.0.0:443", upstream=None, outcome="tls_inspect_failed"),
+    tls_fields_of(
+        None, [], "not_tls", route="0.0.0.0:443", upstream=None, outcome="tls_inspect_failed"
+    ),
     tls_fields_of("a.example.com", ['we "ird"', "é", ""], outcome="no_route"),
 ]
 
@@ -147,8 +153,11 @@ def test_any_text_in_any_field_matches_logging_and_stays_one_line(
 
 def test_tls_fields_follow_the_outcome() -> None:
     entry = json.loads(built_line("json", TLS_CASES[0], worker=1))
-    assert list(entry) == [*FIELDS, "sni", "alpn", "worker"]
+    assert list(entry) == [*FIELDS, "sni", "alpn", "tls_error", "worker"]
     assert entry["sni"] == "app.example.com" and entry["alpn"] == ["h2", "http/1.1"]
+    assert entry["tls_error"] is None
+    failed = json.loads(built_line("json", TLS_CASES[1]))
+    assert failed["tls_error"] == "not_tls" and failed["sni"] is None
 
 
 @given(sni=st.none() | texts, alpn=st.lists(texts, max_size=4))
