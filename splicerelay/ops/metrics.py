@@ -42,7 +42,7 @@ ADMIN_STATES = ("ready", "drain", "maint")
 
 
 # Outcomes only a listener that routes by TLS ClientHello has (its own counters).
-TLS_OUTCOMES = (Outcome.NO_ROUTE, Outcome.TLS_INSPECT_FAILED)
+TLS_OUTCOMES = (Outcome.NO_ROUTE, Outcome.TLS_INSPECT_FAILED, Outcome.ROUTE_LIMIT)
 
 
 def add_outcomes(family: CounterMetricFamily, route: RouteStats) -> None:

@@ -35,6 +35,10 @@ class Outcome(StrEnum):
     # On a listener that routes by TLS ClientHello: no valid hello came (see
     # InspectFailure for why); the `reason` label of connections_total says which.
     TLS_INSPECT_FAILED = "tls_inspect_failed"
+    # On such a listener: the hello chose a route at its max_connections, and no slot
+    # freed before tls_inspect_timeout (from accept) ran out. Bounded, so that clients
+    # of one full route cannot hold the listener's other routes back for long.
+    ROUTE_LIMIT = "route_limit"
 
 
 class InspectFailure(StrEnum):

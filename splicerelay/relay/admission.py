@@ -57,20 +57,6 @@ def count_open_fds() -> int:
         return 16
 
 
-async def acquire_timed(slots: trio.Semaphore) -> float:
-    """Take one of `slots`; the seconds spent waiting for it (time at the limit).
-
-    Cancelled while waiting, it takes none (and the wait is lost to the count)."""
-    try:
-        slots.acquire_nowait()
-        return 0.0
-    except trio.WouldBlock:
-        pass
-    started = trio.current_time()
-    await slots.acquire()
-    return trio.current_time() - started
-
-
 class Listener(Protocol):
     """What the accept loop needs of a listening socket."""
 
@@ -307,10 +293,20 @@ class Admission:
         self, slots: trio.Semaphore, stats: RouteStats, is_global: bool
     ) -> None:
         """Take a slot; time spent waiting for it is time at the limit."""
-        if is_global:
-            self.stats.global_limited_seconds += await acquire_timed(slots)
-        else:
-            stats.limited_seconds += await acquire_timed(slots)
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        started = trio.current_time()
+        try:
+            await slots.acquire()
+        finally:
+            waited = trio.current_time() - started
+            if is_global:
+                self.stats.global_limited_seconds += waited
+            else:
+                stats.limited_seconds += waited
 
     async def _accept_one(
         self, listener: Listener, runtime: RouteRuntime

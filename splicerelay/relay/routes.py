@@ -115,6 +115,10 @@ class RouteRuntime:
     accepts: bool = True
     # Set on such an acceptor only: where its connections go once their hello is in.
     tls: TlsRouting | None = None
+    # Connections a TLS-routing listener holds for one of this route's slots, and since
+    # when at least one has waited (limit_wait_seconds counts that time once).
+    slot_waiters: int = 0
+    slot_wait_started: float = 0.0
 
     def attempt_order(self, client_ip: str | None) -> list[int]:
         upstreams = self.upstreams

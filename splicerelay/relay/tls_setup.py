@@ -17,7 +17,6 @@ import trio
 
 from splicerelay.datapath.session import Session
 from splicerelay.protocol.outcome import Outcome
-from splicerelay.relay.admission import acquire_timed
 from splicerelay.relay.proxy_header import ProxyHeaderRejected, receive_proxy_header
 from splicerelay.relay.routes import Endpoint, RouteRuntime, format_endpoint, passes_rules
 from splicerelay.relay.sessions import SessionTable
@@ -106,10 +105,13 @@ async def inspect_and_route(
             if chosen is None:
                 outcome = Outcome.NO_ROUTE
             else:
-                chosen.stats.limited_seconds += await acquire_timed(chosen.slots)
-                # No checkpoint from here to the move: the slot is the chosen route's.
-                table.move(session, chosen)
-                target = chosen
+                deadline = session.started + listener.tls_inspect_timeout
+                if await wait_for_slot(chosen, deadline):
+                    # No checkpoint from here to the move: the slot is the chosen route's.
+                    table.move(session, chosen)
+                    target = chosen
+                else:
+                    outcome = Outcome.ROUTE_LIMIT
     except ProxyHeaderRejected as error:
         _log_refused("bad PROXY header", listener.name, session, str(error))
         outcome = Outcome.BAD_PROXY_HEADER
@@ -129,7 +131,39 @@ async def inspect_and_route(
         return
     assert target is not None
     session.cancel_scope = None
-    hand_over(table, target, session, peer, source, destination, set_up)
+    try:
+        hand_over(table, target, session, peer, source, destination, set_up)
+    except Exception:
+        log.exception("session failed unexpectedly")
+        table.finish(session, Outcome.INTERNAL_ERROR)
+
+
+async def wait_for_slot(runtime: RouteRuntime, deadline: float) -> bool:
+    """One of the route's slots, waiting until `deadline` (trio's clock) at most; False
+    when none freed by then.
+
+    Why bounded: the waiting connection holds one of its listener's acceptor slots, and
+    enough of them waiting for one full route would stop the listener accepting for its
+    other routes too. The time at least one connection waits is the route's time at its
+    limit, counted once however many wait (limit_wait_seconds)."""
+    slots = runtime.slots
+    try:
+        slots.acquire_nowait()
+        return True
+    except trio.WouldBlock:
+        pass
+    if not runtime.slot_waiters:
+        runtime.slot_wait_started = trio.current_time()
+    runtime.slot_waiters += 1
+    try:
+        with trio.move_on_at(deadline):
+            await slots.acquire()
+            return True
+        return False
+    finally:
+        runtime.slot_waiters -= 1
+        if not runtime.slot_waiters:
+            runtime.stats.limited_seconds += trio.current_time() - runtime.slot_wait_started
 
 
 def hand_over(

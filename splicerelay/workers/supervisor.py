@@ -142,7 +142,8 @@ class Supervisor:
             "workers": self.count,
             "connections": self.table.connections(),
             "routes": len(snapshot.config.routes),
-            "config_path": self.path,
+            # Absolute, as a single relay says it: `reload` compares it with its -c.
+            "config_path": os.path.abspath(self.path) if self.path else self.path,
             "config_sha256": snapshot.sha256,
             "config_loaded": iso_time(snapshot.loaded_at),
             "last_reload": self.history.last,

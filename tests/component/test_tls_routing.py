@@ -324,3 +324,37 @@ async def test_a_reset_in_the_middle_of_a_hello_is_a_client_reset() -> None:
         nursery.cancel_scope.cancel()
     assert finished.outcome == "client_reset"
     assert not relay.stats.routes[f"{LISTENER_HOST}:{port}"].inspect_failures
+
+
+async def test_clients_waiting_for_a_full_route_give_up_at_the_inspect_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each route takes one connection. One app client is relayed and three more wait
+    for app's slot, holding all three of the listener's acceptor slots: an api client
+    then waits in the backlog, but only until the waiters give up (route_limit) at
+    tls_inspect_timeout. The time app spent at its limit is counted once, not once per
+    waiter."""
+    extra = "    max_connections: 1\n    tls_inspect_timeout: 1s\n"
+    async with trio.open_nursery() as nursery:
+        backends = [await Backend().start(nursery) for _ in range(3)]
+        port = free_port()
+        relay, outcomes = build_relay(shared_config(port, *backends, extra=extra))
+        app_hello = client_hello("app.example.com")
+        api_hello = client_hello("api.example.com", ("h2",))
+        async with serving(relay):
+            holder = await open_client(port)
+            await holder.send_all(app_hello)
+            assert await receive_exactly(holder, len(app_hello)) == app_hello
+            for _ in range(3):
+                waiting = await open_client(port)
+                await waiting.send_all(app_hello)
+            await trio.sleep(0.1)
+            started = trio.current_time()
+            assert await echoed(port, api_hello) == api_hello
+            api_routed_after = trio.current_time() - started
+            waiters = await outcomes.wait_for(3)
+        nursery.cancel_scope.cancel()
+    assert [finished.outcome for finished in waiters] == ["route_limit"] * 3
+    assert all(finished.route == f"{LISTENER_HOST}:{port}" for finished in waiters)
+    assert api_routed_after < 1.5
+    assert relay.stats.routes["app"].limited_seconds == pytest.approx(0.9, abs=0.15)
