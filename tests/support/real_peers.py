@@ -26,14 +26,19 @@ def require(program: str, package: str) -> str:
 
 
 @contextmanager
-def running(command: list[str], port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `command` until the block ends; ready once `port` is listening.
+def running(
+    command: list[str], port: int, log_path: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` (in `cwd`, with no stdin) until the block ends; ready once `port`
+    is listening.
 
     Readiness comes from /proc/net/tcp rather than a probe connection, which would be a
     stray session for the programs under test.
     """
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
 
         def listening() -> bool:

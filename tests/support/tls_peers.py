@@ -22,9 +22,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from splicerelay.bench import listening_ports
-from tests.support.harness import free_port, poll_until
-from tests.support.real_peers import require
+from tests.support.harness import free_port
+from tests.support.real_peers import require, running
 
 COMMAND_TIMEOUT = 20.0  # every client command; a hung one fails instead of stalling
 REQUEST = b"GET /whoami HTTP/1.0\r\n\r\n"
@@ -99,28 +98,8 @@ def openssl_backend(directory: Path, name: str, dns_names: Sequence[str]) -> Ite
     log_path = home / "s_server.log"
     command = [openssl, "s_server", "-quiet", "-accept", f"127.0.0.1:{backend.port}"]
     command += ["-cert", str(cert.cert), "-key", str(cert.key), "-WWW"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-
-        def listening() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"s_server exited: {log_path.read_text()}")
-            # From the kernel's table, not a probe: a probe would be a stray connection.
-            return backend.port in listening_ports()
-
-        poll_until(listening, 15, f"s_server to listen on {backend.port}")
+    with running(command, backend.port, log_path, cwd=home):
         yield backend
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @dataclass(frozen=True)
